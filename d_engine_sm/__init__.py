@@ -1,0 +1,51 @@
+"""d_engine_sm: the state-machine side of a Raft node (d-engine 0.2.3 compatible)."""
+
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._state_machine import StateMachine
+from d_engine_sm._values import ApplyResult, NewCommitData, SnapshotContext
+from d_engine_sm.errors import (
+    ApplyError,
+    ApplyOrderError,
+    ApplyTimeout,
+    ChunkOutOfRange,
+    CorruptSnapshotError,
+    DEngineError,
+    HandlerClosed,
+    InsufficientSpace,
+    SnapshotError,
+    SnapshotInProgress,
+    SnapshotNotFound,
+    SnapshotTransferError,
+    StaleSnapshotError,
+    SubmitTimeout,
+    UnsafeArchiveError,
+    WorkerStopped,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApplyError",
+    "ApplyOrderError",
+    "ApplyResult",
+    "ApplyTimeout",
+    "ChunkOutOfRange",
+    "CorruptSnapshotError",
+    "DEngineError",
+    "HandlerClosed",
+    "InsufficientSpace",
+    "MemoryStateMachine",
+    "NewCommitData",
+    "SnapshotConfig",
+    "SnapshotContext",
+    "SnapshotError",
+    "SnapshotInProgress",
+    "SnapshotNotFound",
+    "SnapshotTransferError",
+    "StaleSnapshotError",
+    "StateMachine",
+    "SubmitTimeout",
+    "UnsafeArchiveError",
+    "WorkerStopped",
+]

@@ -1,0 +1,101 @@
+"""SnapshotConfig: d-engine's snapshot settings, in seconds and bytes."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+MiB: Final = 1024 * 1024
+GiB: Final = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    """Snapshot lifecycle settings. Every field is validated on construction.
+
+    Raises:
+        ValueError: a field is out of range; the message names the field.
+        TypeError: a field has the wrong type.
+
+    >>> SnapshotConfig(snapshots_dir="/tmp/snaps").chunk_size
+    1048576
+    """
+
+    enable: bool = True
+    max_log_entries_before_snapshot: int = 1000
+    snapshot_cool_down_since_last_check: float = 3600.0
+    cleanup_retain_count: int = 2
+    snapshots_dir: Path = field(default_factory=lambda: Path("snapshots"))
+    snapshots_dir_prefix: str = "snapshot-"
+    chunk_size: int = MiB
+    retained_log_entries: int = 1
+    chunk_timeout: float = 10.0
+    # Beyond d-engine's fields:
+    compression_level: int = 1
+    """gzip level 0-9 (ISA-L maps it onto its 0-3 scale)."""
+    fsync: bool = True
+    """False only for tests and benchmarks: archives are then not durable."""
+    max_unpacked_bytes: int = 64 * GiB
+    """Unpack refuses an archive whose members add up to more than this."""
+    max_archive_members: int = 1_000_000
+    max_chunk_retries: int = 3
+    """Resends accepted for one chunk after a CHECKSUM_MISMATCH."""
+    keep_broken: int = 3
+    """Corrupt archives moved aside to ``*.broken`` kept at start-up (oldest removed)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.snapshots_dir, Path):
+            if not isinstance(self.snapshots_dir, (str, os.PathLike)):
+                raise TypeError(
+                    "snapshots_dir must be a path, got " + type(self.snapshots_dir).__name__
+                )
+            object.__setattr__(self, "snapshots_dir", Path(self.snapshots_dir))
+        for name in ("enable", "fsync"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool")
+        _int_at_least("max_log_entries_before_snapshot", self.max_log_entries_before_snapshot, 1)
+        _int_at_least("cleanup_retain_count", self.cleanup_retain_count, 1)
+        _int_at_least("chunk_size", self.chunk_size, 1)
+        _int_at_least("retained_log_entries", self.retained_log_entries, 0)
+        _int_at_least("max_unpacked_bytes", self.max_unpacked_bytes, 1)
+        _int_at_least("max_archive_members", self.max_archive_members, 1)
+        _int_at_least("max_chunk_retries", self.max_chunk_retries, 0)
+        _int_at_least("keep_broken", self.keep_broken, 0)
+        _int_at_least("compression_level", self.compression_level, 0)
+        if self.compression_level > 9:
+            raise ValueError(f"compression_level must be 0-9, got {self.compression_level}")
+        if self.chunk_size > 0xFFFF_FFFF // 2:
+            raise ValueError(f"chunk_size must be < 2 GiB, got {self.chunk_size}")
+        _seconds("snapshot_cool_down_since_last_check", self.snapshot_cool_down_since_last_check, 0)
+        _seconds("chunk_timeout", self.chunk_timeout, None)
+        prefix = self.snapshots_dir_prefix
+        if not isinstance(prefix, str):
+            raise TypeError("snapshots_dir_prefix must be a str")
+        if not prefix or "/" in prefix or "\\" in prefix or "\0" in prefix or prefix in (".", ".."):
+            raise ValueError(
+                "snapshots_dir_prefix must be a non-empty file-name part without '/', "
+                f"got {prefix!r}"
+            )
+        if prefix.startswith("temp-"):
+            raise ValueError("snapshots_dir_prefix must not start with 'temp-' (reserved)")
+
+
+def _int_at_least(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _seconds(name: str, value: object, minimum: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is None and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

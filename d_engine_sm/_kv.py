@@ -1,0 +1,148 @@
+"""The key/value command language shared by the built-in state machines (pure).
+
+Decodes ``WriteCommand`` payloads and derives watch events; the stores only
+supply the storage primitive. Everything here is deterministic given its
+inputs, so every replica decides the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from d_engine_sm._values import ApplyResult
+from d_engine_sm.proto import client_pb2, common_pb2
+
+WriteCommand = client_pb2.WriteCommand
+WatchResponse = client_pb2.WatchResponse
+
+PUT: Final = client_pb2.WATCH_EVENT_TYPE_PUT
+DELETE: Final = client_pb2.WATCH_EVENT_TYPE_DELETE
+
+
+def decode_command(entry: common_pb2.Entry) -> WriteCommand | None:
+    """The entry's WriteCommand, or None for noop/config/empty/undecodable payloads."""
+    if entry.payload.WhichOneof("payload") != "command":
+        return None
+    cmd = WriteCommand()
+    try:
+        cmd.ParseFromString(entry.payload.command)
+    except DecodeError:
+        return None
+    if cmd.WhichOneof("operation") is None:
+        return None
+    return cmd
+
+
+def insert(key: bytes, value: bytes, ttl_secs: int = 0) -> bytes:
+    """Encoded Insert command (a convenience for callers and tests)."""
+    return WriteCommand(
+        insert=WriteCommand.Insert(key=key, value=value, ttl_secs=ttl_secs)
+    ).SerializeToString()
+
+
+def delete(key: bytes) -> bytes:
+    return WriteCommand(delete=WriteCommand.Delete(key=key)).SerializeToString()
+
+
+def compare_and_swap(key: bytes, expected: bytes | None, new_value: bytes) -> bytes:
+    cas = WriteCommand.CompareAndSwap(key=key, new_value=new_value)
+    if expected is not None:
+        cas.expected_value = expected
+    return WriteCommand(compare_and_swap=cas).SerializeToString()
+
+
+def command_entry(index: int, term: int, command: bytes) -> common_pb2.Entry:
+    return common_pb2.Entry(
+        index=index, term=term, payload=common_pb2.EntryPayload(command=command)
+    )
+
+
+def noop_entry(index: int, term: int) -> common_pb2.Entry:
+    return common_pb2.Entry(
+        index=index, term=term, payload=common_pb2.EntryPayload(noop=common_pb2.Noop())
+    )
+
+
+def watch_events(
+    entries: Sequence[common_pb2.Entry], results: Sequence[ApplyResult]
+) -> Iterator[WatchResponse]:
+    """Events for one applied batch, aligned with results by position.
+
+    Insert and Delete emit when they succeeded; CompareAndSwap only when its
+    comparison succeeded. Noop/config/undecodable entries emit nothing.
+    """
+    for entry, result in zip(entries, results, strict=False):
+        if not result.succeeded:
+            continue
+        cmd = decode_command(entry)
+        if cmd is None:
+            continue
+        op = cmd.WhichOneof("operation")
+        if op == "insert":
+            yield WatchResponse(key=cmd.insert.key, value=cmd.insert.value, event_type=PUT)
+        elif op == "delete":
+            yield WatchResponse(key=cmd.delete.key, value=b"", event_type=DELETE)
+        else:
+            cas = cmd.compare_and_swap
+            yield WatchResponse(key=cas.key, value=cas.new_value, event_type=PUT)
+
+
+class KvOps:
+    """The storage primitives :func:`apply_entries` drives (one per store)."""
+
+    def put(self, key: bytes, value: bytes, expires_at: float | None) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: bytes) -> None:
+        raise NotImplementedError
+
+    def get_live(self, key: bytes, now: float) -> bytes | None:
+        raise NotImplementedError
+
+
+def apply_entries(entries: Sequence[common_pb2.Entry], ops: KvOps, now: float) -> list[ApplyResult]:
+    """Execute a batch of entries against ``ops``; one result per entry.
+
+    Noop, config and empty payloads count as applied (succeeded). A command
+    that does not decode, or has no operation, changes nothing and fails.
+    CompareAndSwap fails, changing nothing, unless the live value equals
+    ``expected_value`` (unset: the key must be absent). ``now`` (wall-clock
+    seconds) stamps TTL expiries.
+    """
+    results: list[ApplyResult] = []
+    append = results.append
+    put = ops.put
+    for entry in entries:
+        raw = entry.payload.command
+        if not raw and entry.payload.WhichOneof("payload") != "command":
+            append(ApplyResult(entry.index, True))  # noop / config / empty
+            continue
+        cmd = WriteCommand()
+        try:
+            cmd.ParseFromString(raw)
+        except DecodeError:
+            append(ApplyResult(entry.index, False))
+            continue
+        op = cmd.WhichOneof("operation")
+        if op == "insert":
+            ins = cmd.insert
+            put(ins.key, ins.value, now + ins.ttl_secs if ins.ttl_secs else None)
+            append(ApplyResult(entry.index, True))
+        elif op == "delete":
+            ops.delete(cmd.delete.key)
+            append(ApplyResult(entry.index, True))
+        elif op == "compare_and_swap":
+            cas = cmd.compare_and_swap
+            current = ops.get_live(cas.key, now)
+            expected = cas.expected_value if cas.HasField("expected_value") else None
+            if current == expected:
+                put(cas.key, cas.new_value, None)
+                append(ApplyResult(entry.index, True))
+            else:
+                append(ApplyResult(entry.index, False))
+        else:
+            append(ApplyResult(entry.index, False))
+    return results

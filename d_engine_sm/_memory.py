@@ -1,0 +1,187 @@
+"""MemoryStateMachine: the in-memory key/value state machine."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+from d_engine_sm import _kv, _kvfile
+from d_engine_sm._state_machine import StateMachine
+from d_engine_sm._values import ApplyResult, LogId
+from d_engine_sm.proto import common_pb2, storage_pb2
+
+DATA_FILE: Final = "kv.bin"
+_TERM_HISTORY: Final = 64  # term changes remembered for entry_term()
+
+
+class _DictOps(_kv.KvOps):
+    __slots__ = ("data", "expiry")
+
+    def __init__(self, data: dict[bytes, bytes], expiry: dict[bytes, float]) -> None:
+        self.data = data
+        self.expiry = expiry
+
+    def put(self, key: bytes, value: bytes, expires_at: float | None) -> None:
+        self.data[key] = value
+        if expires_at is not None:
+            self.expiry[key] = expires_at
+        elif self.expiry:
+            self.expiry.pop(key, None)
+
+    def delete(self, key: bytes) -> None:
+        self.data.pop(key, None)
+        if self.expiry:
+            self.expiry.pop(key, None)
+
+    def get_live(self, key: bytes, now: float) -> bytes | None:
+        value = self.data.get(key)
+        if value is not None and self.expiry:
+            at = self.expiry.get(key)
+            if at is not None and at <= now:
+                return None
+        return value
+
+
+class MemoryStateMachine(StateMachine):
+    """A key/value state machine held in a dict; nothing survives the process.
+
+    Executes ``WriteCommand`` payloads (Insert with optional TTL, Delete,
+    CompareAndSwap). Reads are lock-free and safe during applies. Its
+    ``prepare_snapshot`` copies the dicts (tens of milliseconds for a million
+    keys), so snapshots are written while applies continue.
+
+    Args:
+        clock: wall-clock seconds used to stamp and check TTL expiry.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._ops = _DictOps({}, {})
+        self._write_lock = threading.Lock()  # apply / reset / install / cleanup
+        self._last_applied = LogId()
+        self._term_starts: list[tuple[int, int]] = []  # (first index, term), ascending
+        self._snapshot_meta: storage_pb2.SnapshotMetadata | None = None
+        self._captured: tuple[dict[bytes, bytes], dict[bytes, float]] | None = None
+        self._running = True
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        self._running = True
+
+    def stop(self) -> None:
+        self._running = False
+
+    def is_running(self) -> bool:
+        return self._running
+
+    # -- reads -----------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        return self._ops.get_live(key, self._clock())
+
+    def __len__(self) -> int:
+        return len(self._ops.data)
+
+    def items(self) -> dict[bytes, bytes]:
+        """A copy of the live key/value pairs (expired keys left out)."""
+        now = self._clock()
+        ops = self._ops
+        return {k: v for k, v in list(ops.data.items()) if ops.get_live(k, now) is not None}
+
+    def entry_term(self, index: int) -> int | None:
+        last = self._last_applied
+        if index <= 0 or index > last.index:
+            return None
+        meta = self._snapshot_meta
+        if meta is not None and index == meta.last_included.index:
+            return meta.last_included.term
+        starts = self._term_starts
+        pos = bisect.bisect_right(starts, (index, float("inf"))) - 1
+        return starts[pos][1] if pos >= 0 else None
+
+    # -- write path ------------------------------------------------------
+    def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
+        if not entries:
+            return []
+        with self._write_lock:
+            results = _kv.apply_entries(entries, self._ops, self._clock())
+            self._note_terms(entries)
+            last = entries[-1]
+            self._last_applied = LogId(term=last.term, index=last.index)
+        return results
+
+    def _note_terms(self, entries: Sequence[common_pb2.Entry]) -> None:
+        starts = self._term_starts
+        current = starts[-1][1] if starts else None
+        if entries[0].term == current and entries[-1].term == current:
+            return
+        for entry in entries:
+            if entry.term != current:
+                starts.append((entry.index, entry.term))
+                current = entry.term
+        del starts[:-_TERM_HISTORY]
+
+    def last_applied(self) -> LogId:
+        return LogId(term=self._last_applied.term, index=self._last_applied.index)
+
+    def update_last_applied(self, log_id: LogId) -> None:
+        self._last_applied = LogId(term=log_id.term, index=log_id.index)
+
+    def persist_last_applied(self, log_id: LogId) -> None:
+        self.update_last_applied(log_id)
+
+    def lease_background_cleanup(self) -> list[bytes]:
+        with self._write_lock:
+            now = self._clock()
+            ops = self._ops
+            expired = [k for k, at in ops.expiry.items() if at <= now]
+            for key in expired:
+                ops.delete(key)
+        return expired
+
+    # -- snapshots -------------------------------------------------------
+    def snapshot_metadata(self) -> storage_pb2.SnapshotMetadata | None:
+        return self._snapshot_meta
+
+    def update_last_snapshot_metadata(self, meta: storage_pb2.SnapshotMetadata) -> None:
+        copy = storage_pb2.SnapshotMetadata()
+        copy.CopyFrom(meta)
+        self._snapshot_meta = copy
+
+    def persist_last_snapshot_metadata(self, meta: storage_pb2.SnapshotMetadata) -> None:
+        self.update_last_snapshot_metadata(meta)
+
+    def prepare_snapshot(self) -> None:
+        # Applies are paused by the handler: a shallow copy is a consistent
+        # point-in-time view (bytes are immutable, so values are shared).
+        self._captured = (dict(self._ops.data), dict(self._ops.expiry))
+
+    def generate_snapshot_data(self, dir: Path, last_included: LogId) -> None:
+        captured = self._captured
+        self._captured = None
+        data, expiry = captured if captured is not None else (self._ops.data, self._ops.expiry)
+        with open(dir / DATA_FILE, "wb") as out:
+            _kvfile.write(out, data, expiry)
+
+    def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        data, expiry = _kvfile.read((dir / DATA_FILE).read_bytes())
+        with self._write_lock:
+            self._ops = _DictOps(data, expiry)
+            lid = meta.last_included
+            self._last_applied = LogId(term=lid.term, index=lid.index)
+            self._term_starts = []
+            self.update_last_snapshot_metadata(meta)
+
+    def flush(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        with self._write_lock:
+            self._ops = _DictOps({}, {})
+            self._last_applied = LogId()
+            self._term_starts = []
+            self._snapshot_meta = None
+            self._captured = None

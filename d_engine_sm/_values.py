@@ -1,0 +1,80 @@
+"""Small immutable values passed between the handler, policies and callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from d_engine_sm.proto import common_pb2
+
+LogId = common_pb2.LogId
+NodeRole = common_pb2.NodeRole
+
+
+class ApplyResult(NamedTuple):
+    """Outcome of applying one entry: its index and whether the command succeeded.
+
+    A NamedTuple rather than a frozen dataclass: one is built per applied
+    entry, and tuple construction keeps the apply hot path cheap.
+
+    >>> ApplyResult.success(7)
+    ApplyResult(index=7, succeeded=True)
+    """
+
+    index: int  # type: ignore[assignment]  # shadows tuple.index by design
+    succeeded: bool
+
+    @classmethod
+    def success(cls, index: int) -> ApplyResult:
+        return cls(index, True)
+
+    @classmethod
+    def failure(cls, index: int) -> ApplyResult:
+        return cls(index, False)
+
+
+def _check_non_negative(owner: str, **fields: int) -> None:
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class NewCommitData:
+    """What the Raft core reports after advancing its commit index."""
+
+    new_commit_index: int
+    role: int
+    current_term: int
+
+    def __post_init__(self) -> None:
+        _check_non_negative(
+            "NewCommitData",
+            new_commit_index=self.new_commit_index,
+            role=self.role,
+            current_term=self.current_term,
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotContext:
+    """Everything a :class:`SnapshotPolicy` may look at to decide."""
+
+    role: int
+    last_included: LogId
+    last_applied: LogId
+    current_term: int
+
+    def is_leader(self) -> bool:
+        return self.role == common_pb2.NODE_ROLE_LEADER
+
+
+def log_id(index: int, term: int) -> LogId:
+    """Build a LogId from ``(index, term)`` (the proto takes term first)."""
+    return LogId(term=term, index=index)
+
+
+def format_log_id(lid: LogId) -> str:
+    return f"{lid.index}-{lid.term}"

@@ -1,0 +1,183 @@
+"""Every error a caller can act on, under one base, :class:`DEngineError`.
+
+Errors that mean the same as a builtin also subclass it (``ApplyTimeout`` is a
+``TimeoutError``), so callers can catch what they already catch. Facts are
+attributes; every error pickles (facts included) so it can cross a process
+boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _rebuild(cls: type[DEngineError], message: str, state: dict[str, Any]) -> DEngineError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class DEngineError(Exception):
+    """Base of every error raised by d_engine_sm."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take facts in __init__; rebuild from message + attributes
+        # instead of replaying __init__ so each class needs no __reduce__.
+        message = str(self.args[0]) if self.args else ""
+        return (_rebuild, (type(self), message, dict(self.__dict__)))
+
+
+class HandlerClosed(DEngineError):
+    """The handler was closed (before or during the call)."""
+
+
+class ApplyTimeout(DEngineError, TimeoutError):
+    """``wait_applied`` gave up before ``target`` was applied."""
+
+    def __init__(self, target: int, current: int, timeout: float | None) -> None:
+        super().__init__(
+            f"timeout waiting for state machine to apply index {target} "
+            f"(timeout: {timeout}s, current_applied: {current})"
+        )
+        self.target = target
+        self.current = current
+        self.timeout = timeout
+
+
+class ApplyOrderError(DEngineError, ValueError):
+    """Entries were not contiguous from ``last_applied() + 1``; nothing was applied."""
+
+    def __init__(self, expected: int, got: int, detail: str = "") -> None:
+        msg = f"entries out of order: expected index {expected}, got {got}"
+        super().__init__(f"{msg} ({detail})" if detail else msg)
+        self.expected = expected
+        self.got = got
+
+
+class ApplyError(DEngineError):
+    """The state machine failed to apply a batch; ``last_applied`` did not move."""
+
+    def __init__(self, first: int, last: int, reason: str) -> None:
+        super().__init__(f"state machine failed to apply entries {first}..{last}: {reason}")
+        self.first = first
+        self.last = last
+        self.reason = reason
+
+
+class WorkerStopped(DEngineError):
+    """The ApplyWorker is shut down or stopped after a fatal error."""
+
+
+class SubmitTimeout(DEngineError, TimeoutError):
+    """``ApplyWorker.submit`` waited ``timeout`` seconds for queue space."""
+
+    def __init__(self, timeout: float, queued: int) -> None:
+        super().__init__(f"apply queue still full after {timeout}s ({queued} entries queued)")
+        self.timeout = timeout
+        self.queued = queued
+
+
+class SnapshotError(DEngineError):
+    """A snapshot operation failed; previous snapshots and state are intact."""
+
+
+class InsufficientSpace(SnapshotError):
+    """Not enough free disk space to write a snapshot."""
+
+    def __init__(self, path: str, needed: int, available: int) -> None:
+        super().__init__(
+            f"insufficient space in {path}: need {needed} bytes, {available} available"
+        )
+        self.path = path
+        self.needed = needed
+        self.available = available
+
+
+class SnapshotInProgress(SnapshotError):
+    """Another snapshot create/install holds the guard or the directory lock."""
+
+
+class SnapshotNotFound(SnapshotError):
+    """No archive exists for the requested metadata."""
+
+    def __init__(self, path: str, reason: str = "no such snapshot archive") -> None:
+        super().__init__(f"{reason}: {path}")
+        self.path = path
+
+
+class CorruptSnapshotError(SnapshotError):
+    """An archive failed its integrity check (gzip CRC, tar structure, SHA-256)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"corrupt snapshot archive {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class ChunkOutOfRange(SnapshotError, IndexError):
+    """``load_snapshot_chunk`` was asked for ``seq >= total_chunks``."""
+
+    def __init__(self, seq: int, total: int) -> None:
+        super().__init__(f"chunk {seq} out of range: snapshot has {total} chunks")
+        self.seq = seq
+        self.total = total
+
+
+class SnapshotTransferError(SnapshotError):
+    """Receiving a snapshot stream failed; nothing was installed.
+
+    ``status`` is the name of the final ack's status (``FAILED``,
+    ``OUT_OF_ORDER``, ``CHECKSUM_MISMATCH``) and ``seq`` the chunk concerned.
+    """
+
+    def __init__(self, reason: str, *, seq: int = 0, status: str = "FAILED") -> None:
+        super().__init__(f"snapshot transfer failed at chunk {seq} ({status}): {reason}")
+        self.reason = reason
+        self.seq = seq
+        self.status = status
+
+
+class StaleSnapshotError(SnapshotTransferError):
+    """The offered snapshot is not newer than what this node already applied."""
+
+    def __init__(self, snapshot_index: int, last_applied: int) -> None:
+        SnapshotError.__init__(
+            self,
+            f"stale snapshot: last_included index {snapshot_index} is not newer "
+            f"than last_applied {last_applied}",
+        )
+        self.reason = "stale snapshot"
+        self.seq = 0
+        self.status = "FAILED"
+        self.snapshot_index = snapshot_index
+        self.last_applied = last_applied
+
+
+class UnsafeArchiveError(SnapshotError):
+    """An archive member would escape the target dir, is a link/device, or exceeds a limit."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(f"unsafe archive member {member!r}: {reason}")
+        self.member = member
+        self.reason = reason
+
+
+__all__ = [
+    "ApplyError",
+    "ApplyOrderError",
+    "ApplyTimeout",
+    "ChunkOutOfRange",
+    "CorruptSnapshotError",
+    "DEngineError",
+    "HandlerClosed",
+    "InsufficientSpace",
+    "SnapshotError",
+    "SnapshotInProgress",
+    "SnapshotNotFound",
+    "SnapshotTransferError",
+    "StaleSnapshotError",
+    "SubmitTimeout",
+    "UnsafeArchiveError",
+    "WorkerStopped",
+]
