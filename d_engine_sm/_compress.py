@@ -9,8 +9,10 @@ from __future__ import annotations
 import gzip
 import zlib
 from collections.abc import Callable
-from typing import BinaryIO, Final, cast
+from typing import Any, BinaryIO, Final, cast
 
+_igzip: Any
+_isal_zlib: Any
 try:  # optional: the `fast` extra
     from isal import igzip as _igzip
     from isal import isal_zlib as _isal_zlib
