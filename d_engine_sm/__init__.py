@@ -1,9 +1,12 @@
 """d_engine_sm: the state-machine side of a Raft node (d-engine 0.2.3 compatible)."""
 
 from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._policy import CompositePolicy, LogSizePolicy, SnapshotPolicy, TimeBasedPolicy
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, NewCommitData, SnapshotContext
+from d_engine_sm._watch import Watcher
 from d_engine_sm.errors import (
     ApplyError,
     ApplyOrderError,
@@ -31,10 +34,12 @@ __all__ = [
     "ApplyResult",
     "ApplyTimeout",
     "ChunkOutOfRange",
+    "CompositePolicy",
     "CorruptSnapshotError",
     "DEngineError",
     "HandlerClosed",
     "InsufficientSpace",
+    "LogSizePolicy",
     "MemoryStateMachine",
     "NewCommitData",
     "SnapshotConfig",
@@ -42,10 +47,14 @@ __all__ = [
     "SnapshotError",
     "SnapshotInProgress",
     "SnapshotNotFound",
+    "SnapshotPolicy",
     "SnapshotTransferError",
     "StaleSnapshotError",
     "StateMachine",
+    "StateMachineHandler",
     "SubmitTimeout",
+    "TimeBasedPolicy",
     "UnsafeArchiveError",
+    "Watcher",
     "WorkerStopped",
 ]

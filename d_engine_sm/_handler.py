@@ -1,0 +1,488 @@
+"""StateMachineHandler: applies committed entries, serves reads and waits,
+and orchestrates the snapshot lifecycle.
+
+Theory of operation
+-------------------
+Locks, in the only order they are ever nested:
+
+1. ``_apply_lock`` — the state machine's write path. Held by ``apply_chunk``
+   for a whole batch, by snapshot install while the state is replaced, and by
+   ``create_snapshot`` while it captures a point-in-time view (applies paused).
+   Exactly one apply runs at a time, so batches reach the state machine in log
+   order.
+2. ``_cond`` (a Condition) — guards ``_applied_index/_applied_term`` and
+   ``_closed``. Held only for a few assignments; ``wait_applied`` sleeps on
+   it. It is notified after the state machine returns, so a woken waiter
+   always reads state that includes its target.
+
+``_pending_lock`` guards only ``_pending``. Reads take no lock: the state
+machine's ``get`` must tolerate a concurrent apply. No lock is held while
+user code runs (acks, listeners, watch consumers pull from their own queues).
+
+Snapshot create and install are mutually exclusive through the snapshot
+manager's non-blocking guard plus the directory's ``.lock`` (see
+``_snapshot/manager.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from d_engine_sm import _kv
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
+from d_engine_sm._metrics import new_handler_metrics
+from d_engine_sm._policy import LogSizePolicy, SnapshotPolicy
+from d_engine_sm._snapshot.manager import AckFn, ProgressFn, SnapshotManager
+from d_engine_sm._state_machine import StateMachine
+from d_engine_sm._values import ApplyResult, LogId, NewCommitData, SnapshotContext
+from d_engine_sm._watch import Watcher, WatchHub
+from d_engine_sm.errors import ApplyError, ApplyOrderError, ApplyTimeout, HandlerClosed
+from d_engine_sm.proto import client_pb2, common_pb2, storage_pb2
+
+_log = logging.getLogger("d_engine_sm.handler")
+
+AppliedListener = Callable[[int], None]
+DEFAULT_WATCH_QUEUE: Final = 1024
+
+
+class StateMachineHandler:
+    """The state-machine side of a Raft node (d-engine's ``StateMachineHandler``).
+
+    Every method is a plain blocking call, safe to call from many threads.
+
+    Args:
+        state_machine: the user's state machine (owned by the caller: the
+            handler neither starts nor stops it).
+        config: snapshot settings.
+        node_id: this node's id; sent as ``leader_id`` in snapshot chunks.
+        snapshot_policy: decides ``should_snapshot``; default
+            ``LogSizePolicy(config.max_log_entries_before_snapshot,
+            config.snapshot_cool_down_since_last_check)``.
+        last_applied_index: overrides the state machine's own applied index.
+        file_ops: the disk seam (tests inject faults through it).
+    """
+
+    def __init__(
+        self,
+        state_machine: StateMachine,
+        config: SnapshotConfig,
+        *,
+        node_id: int = 0,
+        snapshot_policy: SnapshotPolicy | None = None,
+        last_applied_index: int | None = None,
+        file_ops: FileOps = DEFAULT_FILE_OPS,
+    ) -> None:
+        if not isinstance(state_machine, StateMachine):
+            raise TypeError("state_machine must be a d_engine_sm.StateMachine")
+        if not isinstance(config, SnapshotConfig):
+            raise TypeError("config must be a SnapshotConfig")
+        if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
+            raise ValueError(f"node_id must be an int >= 0, got {node_id!r}")
+        self._sm = state_machine
+        self._config = config
+        self._node_id = node_id
+        self._policy = snapshot_policy or LogSizePolicy(
+            config.max_log_entries_before_snapshot, config.snapshot_cool_down_since_last_check
+        )
+        self._apply_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending_lock = threading.Lock()
+        self._pending = 0
+        self._closed = False
+        sm_applied = state_machine.last_applied()
+        if last_applied_index is None:
+            self._applied_index, self._applied_term = sm_applied.index, sm_applied.term
+        else:
+            if isinstance(last_applied_index, bool) or not isinstance(last_applied_index, int):
+                raise TypeError("last_applied_index must be an int")
+            if last_applied_index < 0:
+                raise ValueError(f"last_applied_index must be >= 0, got {last_applied_index}")
+            self._applied_index = last_applied_index
+            same = last_applied_index == sm_applied.index
+            self._applied_term = sm_applied.term if same else 0
+        self._listeners: tuple[AppliedListener, ...] = ()
+        self._close_listeners: tuple[Callable[[], None], ...] = ()
+        self._watch = WatchHub()
+        self._metrics = new_handler_metrics()
+        self._snapshots = SnapshotManager(
+            state_machine,
+            config,
+            node_id=node_id,
+            policy=self._policy,
+            metrics=self._metrics,
+            pause_applies=self._apply_lock,
+            applied=self._applied_log_id,
+            install_applied=self._install_applied,
+            file_ops=file_ops,
+        )
+
+    @property
+    def node_id(self) -> int:
+        return self._node_id
+
+    @property
+    def config(self) -> SnapshotConfig:
+        return self._config
+
+    @property
+    def state_machine(self) -> StateMachine:
+        return self._sm
+
+    # -- applied index ---------------------------------------------------
+    def last_applied(self) -> int:
+        """The highest applied log index. Non-blocking."""
+        return self._applied_index
+
+    def _applied_log_id(self) -> LogId:
+        with self._cond:
+            return LogId(index=self._applied_index, term=self._applied_term)
+
+    def pending_commit(self) -> int:
+        """The highest commit index passed to :meth:`update_pending`."""
+        return self._pending
+
+    def update_pending(self, new_commit: int) -> None:
+        """Raise the pending commit index to ``new_commit``; never lowers it."""
+        if isinstance(new_commit, bool) or not isinstance(new_commit, int) or new_commit < 0:
+            raise ValueError(f"new_commit must be an int >= 0, got {new_commit!r}")
+        with self._pending_lock:
+            self._pending = max(self._pending, new_commit)
+
+    def pending_range(self) -> range | None:
+        """``range(last_applied + 1, pending + 1)``, or None when nothing is pending."""
+        pending = self._pending
+        applied = self._applied_index
+        return range(applied + 1, pending + 1) if pending > applied else None
+
+    def wait_applied(self, target: int, timeout: float | None) -> None:
+        """Block until ``last_applied() >= target``.
+
+        Blocks the calling thread on a condition variable (no polling); returns
+        at once when the target is already applied.
+
+        Args:
+            target: the log index to wait for.
+            timeout: seconds to wait at most; None waits indefinitely.
+
+        Raises:
+            ApplyTimeout: not applied within ``timeout`` (names target and current).
+            HandlerClosed: the handler was closed before the target was applied.
+        """
+        if isinstance(target, bool) or not isinstance(target, int):
+            raise TypeError(f"target must be an int, got {type(target).__name__}")
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        if self._applied_index >= target:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._applied_index >= target, timeout)
+            if self._applied_index >= target:
+                return
+            if self._closed:
+                raise HandlerClosed(f"handler closed while waiting for index {target}")
+            raise ApplyTimeout(target, self._applied_index, timeout)
+
+    def add_applied_listener(self, listener: AppliedListener) -> Callable[[], None]:
+        """Call ``listener(last_applied)`` after every advance; returns a remover.
+
+        The listener runs on the applying thread with no lock held; it must
+        be quick and must not block. Its exceptions are logged.
+        """
+        with self._cond:
+            self._listeners = (*self._listeners, listener)
+
+        def remove() -> None:
+            with self._cond:
+                self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+        return remove
+
+    def add_close_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` once when the handler closes; returns a remover.
+
+        Called at once if the handler is already closed.
+        """
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                self._close_listeners = (*self._close_listeners, listener)
+        if closed:
+            listener()
+
+        def remove() -> None:
+            with self._cond:
+                self._close_listeners = tuple(x for x in self._close_listeners if x is not listener)
+
+        return remove
+
+    def _publish_applied(self, index: int, term: int) -> None:
+        with self._cond:
+            self._applied_index = index
+            self._applied_term = term
+            self._cond.notify_all()
+
+    def _notify_listeners(self, index: int) -> None:
+        for listener in self._listeners:
+            try:
+                listener(index)
+            except Exception:
+                _log.exception("applied listener failed index=%d", index)
+
+    def _install_applied(self, log_id: LogId) -> None:
+        """After a snapshot install: jump to ``log_id`` and wake waiters."""
+        self._publish_applied(log_id.index, log_id.term)
+        self._notify_listeners(log_id.index)
+
+    # -- apply -----------------------------------------------------------
+    def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
+        """Apply committed entries, in order, to the state machine.
+
+        Blocks while another apply, or a snapshot capture/install, runs.
+
+        Args:
+            entries: contiguous entries starting at ``last_applied() + 1``.
+
+        Returns:
+            One result per entry, in order (``[]`` for no entries).
+
+        Raises:
+            ApplyOrderError: entries not contiguous from ``last_applied() + 1``;
+                nothing was applied.
+            ApplyError: the state machine raised (cause chained) or returned a
+                wrong number of results; ``last_applied`` did not move.
+            HandlerClosed: the handler is closed.
+        """
+        if not isinstance(entries, Sequence):
+            entries = list(entries)
+        if not entries:
+            return []
+        with self._apply_lock:
+            if self._closed:
+                raise HandlerClosed("handler is closed")
+            _check_contiguous(entries, self._applied_index + 1)
+            first, last = entries[0], entries[-1]
+            started = time.perf_counter()
+            try:
+                results = self._sm.apply_chunk(entries)
+            except Exception as exc:
+                self._metrics.incr("apply_errors")
+                raise ApplyError(first.index, last.index, f"{type(exc).__name__}: {exc}") from exc
+            if len(results) != len(entries):
+                self._metrics.incr("apply_errors")
+                raise ApplyError(
+                    first.index,
+                    last.index,
+                    f"state machine returned {len(results)} results for {len(entries)} entries",
+                )
+            self._publish_applied(last.index, last.term)
+            if self._watch.active:
+                delivered, dropped = self._watch.publish(_kv.watch_events(entries, results))
+                self._metrics.incr("watch_events", delivered)
+                if dropped:
+                    self._metrics.incr("watch_dropped", dropped)
+            self._metrics.applied(len(entries), time.perf_counter() - started)
+        if self._listeners:
+            self._notify_listeners(last.index)
+        return results
+
+    # -- reads -----------------------------------------------------------
+    def read_from_state_machine(
+        self, keys: Iterable[bytes]
+    ) -> list[client_pb2.ClientResult] | None:
+        """Values of the keys that exist, in request order; None when none exist.
+
+        Runs concurrently with applies (no lock taken).
+
+        Raises:
+            HandlerClosed: the handler is closed.
+        """
+        if self._closed:
+            raise HandlerClosed("handler is closed")
+        get = self._sm.get
+        found = []
+        for key in keys:
+            value = get(key)
+            if value is not None:
+                found.append(client_pb2.ClientResult(key=key, value=value))
+        return found or None
+
+    def watch(self, key: bytes | None = None, *, maxsize: int = DEFAULT_WATCH_QUEUE) -> Watcher:
+        """Events for every applied change of ``key`` (all keys when None).
+
+        Fire-and-forget: a slow watcher never blocks apply; when its queue of
+        ``maxsize`` is full the oldest events are dropped (``Watcher.dropped``).
+        """
+        return self._watch.watch(key, maxsize)
+
+    def metrics(self) -> dict[str, int | dict[str, float]]:
+        """Counters and latency summaries (``*_seconds``: count/sum/max/p50/p99)."""
+        out = self._metrics.snapshot()
+        out["last_applied"] = self._applied_index
+        out["pending_commit"] = self._pending
+        return out
+
+    # -- snapshots -------------------------------------------------------
+    def should_snapshot(self, new_commit_data: NewCommitData) -> bool:
+        """Whether the policy asks for a snapshot now (False when disabled or busy)."""
+        if not self._config.enable or self._snapshots.in_progress():
+            return False
+        latest = self._snapshots.latest_metadata()
+        included = latest.last_included if latest is not None else LogId(term=0, index=0)
+        ctx = SnapshotContext(
+            role=new_commit_data.role,
+            last_included=included,
+            last_applied=self._applied_log_id(),
+            current_term=new_commit_data.current_term,
+        )
+        return self._policy.should_trigger(ctx)
+
+    def snapshot_in_progress(self) -> bool:
+        return self._snapshots.in_progress()
+
+    def create_snapshot(
+        self, *, progress: ProgressFn | None = None
+    ) -> tuple[storage_pb2.SnapshotMetadata, Path]:
+        """Snapshot the state at the current applied LogId; see DESIGN "Create".
+
+        Pauses applies only for ``prepare_snapshot`` (for the whole generate
+        when the state machine has no ``prepare_snapshot``).
+
+        Raises:
+            SnapshotInProgress: another create/install runs (this process or another).
+            SnapshotError: generating or writing failed (cause chained);
+                nothing was published.
+            HandlerClosed: the handler is closed.
+        """
+        self._check_open()
+        return self._snapshots.create(progress=progress)
+
+    def cleanup_snapshot(
+        self, retain_count: int, snapshot_dir: Path | None = None, prefix: str | None = None
+    ) -> list[Path]:
+        """Delete all but the newest ``retain_count`` archives; returns what was removed.
+
+        Never removes the newest archive or one being read.
+
+        Raises:
+            ValueError: ``retain_count < 1``.
+            SnapshotInProgress: another writer holds the directory lock.
+        """
+        return self._snapshots.cleanup(retain_count, snapshot_dir, prefix)
+
+    def get_latest_snapshot_metadata(self) -> storage_pb2.SnapshotMetadata | None:
+        """Metadata of the newest valid archive (None when there is none)."""
+        return self._snapshots.latest_metadata()
+
+    def load_snapshot_data(
+        self,
+        metadata: storage_pb2.SnapshotMetadata,
+        *,
+        leader_term: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Iterator[storage_pb2.SnapshotChunk]:
+        """The archive for ``metadata`` as ``chunk_size`` chunks.
+
+        The archive is held (shared lock) until the iterator ends or is closed.
+
+        Raises:
+            SnapshotNotFound: no archive for ``metadata``.
+            SnapshotError: ``metadata`` has no ``last_included``.
+        """
+        return self._snapshots.load_data(metadata, leader_term=leader_term, progress=progress)
+
+    def load_snapshot_chunk(
+        self, metadata: storage_pb2.SnapshotMetadata, seq: int, *, leader_term: int | None = None
+    ) -> storage_pb2.SnapshotChunk:
+        """One chunk of the archive for ``metadata``.
+
+        Raises:
+            ChunkOutOfRange: ``seq >= total_chunks``.
+            SnapshotNotFound: no archive for ``metadata``.
+        """
+        return self._snapshots.load_chunk(metadata, seq, leader_term=leader_term)
+
+    def apply_snapshot_stream_from_leader(
+        self,
+        current_term: int,
+        stream: Iterable[storage_pb2.SnapshotChunk],
+        ack: AckFn,
+        config: SnapshotConfig | None = None,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> storage_pb2.SnapshotMetadata:
+        """Receive, verify and install a snapshot from the leader; see DESIGN "Receive".
+
+        ``ack`` is called (no lock held) once per chunk and with a final
+        ``FAILED``/``OUT_OF_ORDER`` ack on failure. On success the state
+        machine holds the snapshot's state, ``last_applied()`` is its index,
+        waiters are woken and the archive is kept as the newest snapshot.
+
+        Raises:
+            SnapshotTransferError: the stream was invalid or incomplete.
+            StaleSnapshotError: the snapshot is not newer than ``last_applied()``.
+            UnsafeArchiveError / CorruptSnapshotError: the archive was refused.
+            SnapshotInProgress: another create/install runs.
+            SnapshotError: writing or installing failed; nothing changed.
+        """
+        self._check_open()
+        return self._snapshots.receive(
+            current_term, stream, ack, config or self._config, progress=progress
+        )
+
+    # -- lifecycle -------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HandlerClosed("handler is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wake waiters with ``HandlerClosed``, end watchers. Idempotent.
+
+        Does not stop the state machine (the caller owns it).
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            close_listeners, self._close_listeners = self._close_listeners, ()
+        for listener in close_listeners:
+            try:
+                listener()
+            except Exception:
+                _log.exception("close listener failed")
+        self._watch.close_all()
+        self._snapshots.close()
+
+    def __enter__(self) -> StateMachineHandler:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def paused_applies(self) -> AbstractContextManager[bool]:
+        """Hold the apply lock (applies wait) — for tests and maintenance."""
+        return self._apply_lock
+
+
+def _check_contiguous(entries: Sequence[common_pb2.Entry], expected: int) -> None:
+    for offset, entry in enumerate(entries):
+        if entry.index != expected + offset:
+            detail = "first entry" if offset == 0 else f"entry #{offset} breaks the sequence"
+            raise ApplyOrderError(expected + offset, entry.index, detail)

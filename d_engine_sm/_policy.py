@@ -1,0 +1,118 @@
+"""Snapshot policies: when should this node take a snapshot?
+
+Pure decisions over a :class:`SnapshotContext` and an injected monotonic
+clock, so tests advance time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections.abc import Callable
+
+from d_engine_sm._values import SnapshotContext
+
+Clock = Callable[[], float]
+
+
+class SnapshotPolicy(abc.ABC):
+    """Decides, per commit, whether to snapshot. Must be thread-safe and cheap."""
+
+    @abc.abstractmethod
+    def should_trigger(self, ctx: SnapshotContext) -> bool: ...
+
+    def mark_snapshot_created(self) -> None:  # noqa: B027 - optional hook
+        """Called by the handler after every successful create."""
+
+
+def _check_seconds(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+
+
+class LogSizePolicy(SnapshotPolicy):
+    """Trigger when ``last_applied.index - last_included.index >= threshold``.
+
+    Role-agnostic (followers snapshot too). No trigger when the current term
+    is behind the snapshot's term, nor within ``cooldown`` seconds of the last
+    trigger. A check that does not trigger does not start the cooldown.
+    """
+
+    def __init__(self, threshold: int, cooldown: float, *, clock: Clock = time.monotonic) -> None:
+        self._check_threshold(threshold)
+        _check_seconds("cooldown", cooldown)
+        self._threshold = threshold
+        self._cooldown = float(cooldown)
+        self._clock = clock
+        self._last_trigger: float | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _check_threshold(threshold: int) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+            raise ValueError(f"threshold must be an int >= 1, got {threshold!r}")
+
+    @property
+    def threshold(self) -> int:
+        return self._threshold
+
+    def update_threshold(self, threshold: int) -> None:
+        self._check_threshold(threshold)
+        self._threshold = threshold
+
+    def lag_reached(self, ctx: SnapshotContext) -> bool:
+        if ctx.current_term < ctx.last_included.term:
+            return False
+        lag = max(0, ctx.last_applied.index - ctx.last_included.index)
+        return lag >= self._threshold
+
+    def should_trigger(self, ctx: SnapshotContext) -> bool:
+        if not self.lag_reached(ctx):
+            return False
+        with self._lock:  # blocking, unlike d-engine's CAS that answered a spurious False
+            now = self._clock()
+            if self._last_trigger is not None and now - self._last_trigger < self._cooldown:
+                return False
+            self._last_trigger = now
+            return True
+
+
+class TimeBasedPolicy(SnapshotPolicy):
+    """Trigger on the leader once ``interval`` seconds passed since start or last snapshot."""
+
+    def __init__(self, interval: float, *, clock: Clock = time.monotonic) -> None:
+        _check_seconds("interval", interval)
+        self._interval = float(interval)
+        self._clock = clock
+        self._started = clock()
+
+    def due(self) -> bool:
+        return self._clock() - self._started >= self._interval
+
+    def should_trigger(self, ctx: SnapshotContext) -> bool:
+        return ctx.is_leader() and self.due()
+
+    def reset_timer(self) -> None:
+        self._started = self._clock()
+
+    def mark_snapshot_created(self) -> None:
+        self.reset_timer()
+
+
+class CompositePolicy(SnapshotPolicy):
+    """Leader only: trigger when the interval elapsed OR the log lag reached ``threshold``."""
+
+    def __init__(
+        self, interval: float, threshold: int, cooldown: float, *, clock: Clock = time.monotonic
+    ) -> None:
+        self.time = TimeBasedPolicy(interval, clock=clock)
+        self.size = LogSizePolicy(threshold, cooldown, clock=clock)
+
+    def should_trigger(self, ctx: SnapshotContext) -> bool:
+        if not ctx.is_leader():
+            return False
+        return self.time.due() or self.size.should_trigger(ctx)
+
+    def mark_snapshot_created(self) -> None:
+        self.time.mark_snapshot_created()

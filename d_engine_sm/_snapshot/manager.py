@@ -1,0 +1,691 @@
+"""SnapshotManager: the handler's snapshot orchestration (create, prune,
+load, receive, install, start-up recovery).
+
+It owns ordering and error translation only; bytes on the wire are decided
+by ``receiver``/``chunks``, archives by ``archive`` and the directory by
+``store``. Create and install exclude each other in-process through
+``_guard`` (non-blocking: a second caller fails at once) and across
+processes through the store's ``.lock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._fs import FileOps
+from d_engine_sm._metrics import Metrics
+from d_engine_sm._policy import SnapshotPolicy
+from d_engine_sm._snapshot import archive, chunks
+from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
+from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotStore
+from d_engine_sm._state_machine import StateMachine, overrides_prepare
+from d_engine_sm._values import LogId
+from d_engine_sm.errors import (
+    DEngineError,
+    InsufficientSpace,
+    SnapshotError,
+    SnapshotInProgress,
+    SnapshotNotFound,
+    SnapshotTransferError,
+    StaleSnapshotError,
+)
+from d_engine_sm.proto import storage_pb2
+
+_log = logging.getLogger("d_engine_sm.snapshot")
+
+AckFn = Callable[[storage_pb2.SnapshotAck], None]
+ProgressFn = Callable[[str, int, int], None]
+SnapshotMetadata = storage_pb2.SnapshotMetadata
+
+_PREFETCH: Final = 2  # chunks pulled ahead of the writer (bounds receive memory)
+
+
+class SnapshotManager:
+    """Snapshot lifecycle for one handler. Thread-safe."""
+
+    def __init__(
+        self,
+        sm: StateMachine,
+        config: SnapshotConfig,
+        *,
+        node_id: int,
+        policy: SnapshotPolicy,
+        metrics: Metrics,
+        pause_applies: threading.Lock,
+        applied: Callable[[], LogId],
+        install_applied: Callable[[LogId], None],
+        file_ops: FileOps,
+    ) -> None:
+        self._sm = sm
+        self._config = config
+        self._node_id = node_id
+        self._policy = policy
+        self._metrics = metrics
+        self._pause = pause_applies
+        self._applied = applied
+        self._install_applied = install_applied
+        self._fs = file_ops
+        self._store = SnapshotStore(
+            config.snapshots_dir,
+            config.snapshots_dir_prefix,
+            fs=file_ops,
+            fsync=config.fsync,
+            keep_broken=config.keep_broken,
+        )
+        self._guard = threading.Lock()
+        self._meta_lock = threading.Lock()
+        self._latest: SnapshotMetadata | None = self._recover()
+
+    @property
+    def store(self) -> SnapshotStore:
+        return self._store
+
+    # -- start-up ----------------------------------------------------------
+    def _recover(self) -> SnapshotMetadata | None:
+        """Find the newest valid archive; tidy the directory when we may write."""
+        if not self._store.directory.is_dir():
+            return None
+        try:
+            with self._store.writer_lock():
+                found = self._store.recover()
+        except SnapshotInProgress:
+            # Another process is writing: its temp files are live. Look, don't touch.
+            _log.info("recover skipped (dir locked) dir=%s", self._store.directory)
+            info = self._store.latest()
+            found = (info, archive.sha256_file(info.path)) if info is not None else None
+        if found is None:
+            return None
+        info, digest = found
+        _log.info("recovered snapshot index=%d term=%d path=%s", info.index, info.term, info.path)
+        return _metadata(info.index, info.term, digest)
+
+    # -- queries -------------------------------------------------------------
+    def in_progress(self) -> bool:
+        return self._guard.locked()
+
+    def latest_metadata(self) -> SnapshotMetadata | None:
+        with self._meta_lock:
+            if self._latest is None:
+                return None
+            copy = SnapshotMetadata()
+            copy.CopyFrom(self._latest)
+            return copy
+
+    def _set_latest(self, meta: SnapshotMetadata) -> None:
+        with self._meta_lock:
+            current = self._latest
+            if current is None or meta.last_included.index >= current.last_included.index:
+                self._latest = meta
+
+    def _exclusive(self) -> ExitStack:
+        """Guard + directory lock, or SnapshotInProgress at once."""
+        if not self._guard.acquire(blocking=False):
+            raise SnapshotInProgress("a snapshot create or install is already running")
+        stack = ExitStack()
+        stack.callback(self._guard.release)
+        try:
+            self._store.ensure_dir()
+            stack.enter_context(self._store.writer_lock())
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    # -- create ----------------------------------------------------------------
+    def create(self, *, progress: ProgressFn | None = None) -> tuple[SnapshotMetadata, Path]:
+        started = time.perf_counter()
+        with self._exclusive():
+            try:
+                meta, path = self._create_locked(progress)
+            except BaseException:
+                self._metrics.incr("snapshot_create_errors")
+                raise
+        self._metrics.incr("snapshot_creates")
+        self._metrics.observe("snapshot_create_seconds", time.perf_counter() - started)
+        return meta, path
+
+    def _create_locked(self, progress: ProgressFn | None) -> tuple[SnapshotMetadata, Path]:
+        store = self._store
+        work_dir = store.new_temp_path("work")
+        try:
+            self._fs.mkdir(work_dir)
+            last_included = self._capture(work_dir)
+            if isinstance(last_included, tuple):  # already snapshotted at this LogId
+                return last_included
+            _report(progress, "generate", 1, 1)
+            meta, final = self._pack_and_publish(work_dir, last_included, progress)
+        finally:
+            store.remove_quietly(work_dir)
+        self._record(meta)
+        self._prune_quietly()
+        self._policy.mark_snapshot_created()
+        _log.info(
+            "snapshot created index=%d term=%d path=%s",
+            meta.last_included.index,
+            meta.last_included.term,
+            final,
+        )
+        return meta, final
+
+    def _capture(self, work_dir: Path) -> LogId | tuple[SnapshotMetadata, Path]:
+        """Write the state into ``work_dir``; returns the exact LogId it reflects.
+
+        Applies are paused while the LogId is read and the state captured, so
+        the data is exactly the state at that LogId. With a ``prepare_snapshot``
+        override only the capture is paused; generate runs alongside applies.
+        """
+        two_phase = overrides_prepare(self._sm)
+        self._pause.acquire()
+        paused = True
+        try:
+            last_included = self._applied()
+            existing = self._store.find(last_included.index, last_included.term)
+            if existing is not None:
+                return self._existing(existing), existing.path
+            if two_phase:
+                try:
+                    self._sm.prepare_snapshot()
+                except Exception as exc:
+                    raise SnapshotError(f"prepare_snapshot failed: {exc}") from exc
+                self._pause.release()
+                paused = False
+            try:
+                self._sm.generate_snapshot_data(work_dir, last_included)
+            except Exception as exc:
+                raise SnapshotError(f"generate_snapshot_data failed: {exc}") from exc
+        finally:
+            if paused:
+                self._pause.release()
+        return last_included
+
+    def _existing(self, info: ArchiveInfo) -> SnapshotMetadata:
+        latest = self.latest_metadata()
+        lid = latest.last_included if latest is not None else None
+        if lid is not None and (lid.index, lid.term) == (info.index, info.term):
+            return latest  # type: ignore[return-value]  # checked just above
+        return _metadata(info.index, info.term, archive.sha256_file(info.path))
+
+    def _pack_and_publish(
+        self, work_dir: Path, last_included: LogId, progress: ProgressFn | None
+    ) -> tuple[SnapshotMetadata, Path]:
+        store = self._store
+        store.check_space(_tree_size(work_dir) + 64 * 1024)
+        try:
+            with store.temp_archive("create") as (temp, out):
+                digest, _size = archive.pack(
+                    work_dir, out, level=self._config.compression_level, progress=progress
+                )
+            try:
+                final = store.publish(temp, last_included.index, last_included.term)
+            except BaseException:
+                store.remove_quietly(temp)
+                raise
+        except OSError as exc:
+            raise _disk_error(exc, store.directory, "writing snapshot archive") from exc
+        return _metadata(last_included.index, last_included.term, digest), final
+
+    def _record(self, meta: SnapshotMetadata) -> None:
+        try:
+            self._sm.update_last_snapshot_metadata(meta)
+            self._sm.persist_last_snapshot_metadata(meta)
+        except Exception as exc:
+            # The archive is published and valid; the state machine's record of
+            # it is advisory (start-up recovery reads the directory).
+            _log.warning("recording snapshot metadata failed error=%r", exc)
+        self._set_latest(meta)
+
+    def _prune_quietly(self) -> None:
+        try:
+            self._store.prune(self._config.cleanup_retain_count)
+        except OSError as exc:
+            _log.warning("prune after snapshot failed error=%r", exc)
+
+    # -- cleanup ---------------------------------------------------------------
+    def cleanup(
+        self, retain_count: int, snapshot_dir: Path | None, prefix: str | None
+    ) -> list[Path]:
+        if isinstance(retain_count, bool) or not isinstance(retain_count, int):
+            raise TypeError("retain_count must be an int")
+        if retain_count < 1:
+            raise ValueError(f"retain_count must be >= 1, got {retain_count}")
+        store = self._store
+        if snapshot_dir is not None or prefix is not None:
+            store = SnapshotStore(
+                Path(snapshot_dir) if snapshot_dir is not None else store.directory,
+                prefix if prefix is not None else store.prefix,
+                fs=self._fs,
+                fsync=self._config.fsync,
+                keep_broken=self._config.keep_broken,
+            )
+        if not store.directory.is_dir():
+            return []
+        with store.writer_lock():
+            return store.prune(retain_count)
+
+    # -- send ------------------------------------------------------------------
+    def _find(self, metadata: SnapshotMetadata) -> ArchiveInfo:
+        if not isinstance(metadata, SnapshotMetadata):
+            raise TypeError("metadata must be a SnapshotMetadata")
+        if not metadata.HasField("last_included"):
+            raise SnapshotError("snapshot metadata has no last_included")
+        lid = metadata.last_included
+        info = self._store.find(lid.index, lid.term)
+        if info is None:
+            raise SnapshotNotFound(str(self._store.archive_path(lid.index, lid.term)))
+        return info
+
+    def _wire_metadata(self, metadata: SnapshotMetadata) -> SnapshotMetadata:
+        """The metadata to send: the caller's, with our checksum when it has none."""
+        out = SnapshotMetadata()
+        out.CopyFrom(metadata)
+        if not out.checksum:
+            latest = self.latest_metadata()
+            if latest is not None and latest.last_included == metadata.last_included:
+                out.checksum = latest.checksum
+        return out
+
+    def load_data(
+        self,
+        metadata: SnapshotMetadata,
+        *,
+        leader_term: int | None,
+        progress: ProgressFn | None,
+    ) -> Iterator[storage_pb2.SnapshotChunk]:
+        info = self._find(metadata)
+        term = metadata.last_included.term if leader_term is None else leader_term
+        stack = ExitStack()
+        try:
+            reader = stack.enter_context(self._store.open_reader(info))
+        except BaseException:
+            stack.close()
+            raise
+        return _ChunkStream(
+            stack,
+            reader,
+            chunk_size=self._config.chunk_size,
+            leader_term=term,
+            leader_id=self._node_id,
+            metadata=self._wire_metadata(metadata),
+            metrics=self._metrics,
+            progress=progress,
+        )
+
+    def load_chunk(
+        self, metadata: SnapshotMetadata, seq: int, *, leader_term: int | None
+    ) -> storage_pb2.SnapshotChunk:
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"seq must be an int >= 0, got {seq!r}")
+        info = self._find(metadata)
+        term = metadata.last_included.term if leader_term is None else leader_term
+        size_chunk = self._config.chunk_size
+        with self._store.open_reader(info) as reader:
+            total = chunks.chunk_count(reader.size, size_chunk)
+            if seq >= total:
+                from d_engine_sm.errors import ChunkOutOfRange
+
+                raise ChunkOutOfRange(seq, total)
+            start, end = chunks.chunk_bounds(seq, reader.size, size_chunk)
+            data = reader.read(start, end)
+        return chunks.make_chunk(
+            seq=seq,
+            total=total,
+            data=data,
+            leader_term=term,
+            leader_id=self._node_id,
+            metadata=self._wire_metadata(metadata) if seq == 0 else None,
+        )
+
+    # -- receive ---------------------------------------------------------------
+    def receive(
+        self,
+        current_term: int,
+        stream: Iterable[storage_pb2.SnapshotChunk],
+        ack: AckFn,
+        config: SnapshotConfig,
+        *,
+        progress: ProgressFn | None,
+    ) -> SnapshotMetadata:
+        started = time.perf_counter()
+        try:
+            exclusive = self._exclusive()
+        except SnapshotInProgress:
+            _send(ack, _ack(0, storage_pb2.SnapshotAck.FAILED, 0))
+            self._metrics.incr("snapshot_receive_errors")
+            raise
+        with exclusive:
+            try:
+                meta, size = self._receive_locked(current_term, stream, ack, config, progress)
+            except BaseException:
+                self._metrics.incr("snapshot_receive_errors")
+                raise
+        self._metrics.incr("snapshot_receives")
+        self._metrics.incr("snapshot_received_bytes", size)
+        self._metrics.observe("snapshot_receive_seconds", time.perf_counter() - started)
+        return meta
+
+    def _receive_locked(
+        self,
+        current_term: int,
+        stream: Iterable[storage_pb2.SnapshotChunk],
+        ack: AckFn,
+        config: SnapshotConfig,
+        progress: ProgressFn | None,
+    ) -> tuple[SnapshotMetadata, int]:
+        store = self._store
+        last_applied = self._applied().index
+        rx = SnapshotReceiver(last_applied_index=last_applied, max_retries=config.max_chunk_retries)
+        with ExitStack() as cleanup:
+            pump = _Pump(stream, config.chunk_timeout)
+            cleanup.callback(pump.close)
+            temp: Path | None = None
+            hasher = hashlib.sha256()
+            try:
+                for chunk in pump:
+                    step = rx.feed(chunk)
+                    if step.data is not None:
+                        if temp is None:
+                            store.check_space(rx.expected_bytes)
+                            temp, out = cleanup.enter_context(store.temp_archive("receive"))
+                            cleanup.callback(store.remove_quietly, temp)
+                        out.write(step.data)
+                        hasher.update(step.data)
+                        _report(progress, "receive", rx.received, rx.total_chunks)
+                    if step.ack is not None:
+                        _send(ack, step.ack)
+                meta = rx.end_of_stream()
+                if len(meta.checksum) == 32 and hasher.digest() != meta.checksum:
+                    raise rx.fail("archive SHA-256 does not match metadata.checksum")
+            except ReceiveAbort as abort:
+                if abort.ack is not None:
+                    _send(ack, abort.ack)
+                raise _translate(abort, last_applied) from None
+            except _ChunkTimeout:
+                abort = rx.timed_out(config.chunk_timeout)
+                if abort.ack is not None:
+                    _send(ack, abort.ack)
+                raise _translate(abort, last_applied) from None
+            except (DEngineError, OSError, _StreamError) as exc:
+                abort = rx.fail(str(exc))
+                if abort.ack is not None:
+                    _send(ack, abort.ack)
+                if isinstance(exc, OSError):
+                    raise _disk_error(exc, store.directory, "receiving snapshot") from exc
+                if isinstance(exc, _StreamError):
+                    raise SnapshotTransferError(
+                        f"stream error: {exc.__cause__!r}", seq=rx.received
+                    ) from exc.__cause__
+                raise
+            assert temp is not None  # end_of_stream guarantees >= 1 chunk
+            self._install(meta, temp, config, progress, lambda reason: _send_fail(ack, rx, reason))
+            return meta, rx.received_bytes
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _install(
+        self,
+        meta: SnapshotMetadata,
+        temp: Path,
+        config: SnapshotConfig,
+        progress: ProgressFn | None,
+        fail: Callable[[str], None],
+    ) -> None:
+        """Unpack, swap the state, then keep the archive as the newest snapshot."""
+        store = self._store
+        unpack_dir = store.new_temp_path("unpack")
+        lid = meta.last_included
+        try:
+            try:
+                self._fs.mkdir(unpack_dir)
+                archive.safe_unpack(
+                    temp,
+                    unpack_dir,
+                    max_bytes=config.max_unpacked_bytes,
+                    max_members=config.max_archive_members,
+                    progress=progress,
+                )
+            except OSError as exc:
+                fail(str(exc))
+                raise _disk_error(exc, store.directory, "unpacking snapshot") from exc
+            except DEngineError as exc:
+                fail(str(exc))
+                raise
+            self._fs.announce("install:apply")
+            with self._pause:
+                applied = self._applied()
+                if lid.index <= applied.index:
+                    fail("stale snapshot")
+                    raise StaleSnapshotError(lid.index, applied.index)
+                try:
+                    self._sm.apply_snapshot_from_file(meta, unpack_dir)
+                except Exception as exc:
+                    fail(f"install failed: {exc}")
+                    raise SnapshotError(f"apply_snapshot_from_file failed: {exc}") from exc
+                self._install_applied(LogId(index=lid.index, term=lid.term))
+            _report(progress, "install", 1, 1)
+        finally:
+            store.remove_quietly(unpack_dir)
+        try:
+            final = store.publish(temp, lid.index, lid.term)
+        except OSError as exc:
+            # Installed but not kept: the state is right; only serving it onward waits
+            # for the next local snapshot.
+            _log.warning("keeping received archive failed index=%d error=%r", lid.index, exc)
+            return
+        kept = SnapshotMetadata()
+        kept.CopyFrom(meta)
+        if len(kept.checksum) != 32:
+            kept.checksum = archive.sha256_file(final)
+        self._record(kept)
+        self._prune_quietly()
+        _log.info("snapshot installed index=%d term=%d path=%s", lid.index, lid.term, final)
+
+    def close(self) -> None:
+        pass
+
+
+# -- helpers ---------------------------------------------------------------------
+def _metadata(index: int, term: int, digest: bytes) -> SnapshotMetadata:
+    return SnapshotMetadata(last_included=LogId(index=index, term=term), checksum=digest)
+
+
+def _ack(seq: int, status: int, next_requested: int) -> storage_pb2.SnapshotAck:
+    return storage_pb2.SnapshotAck(seq=seq, status=status, next_requested=next_requested)  # type: ignore[arg-type]
+
+
+def _send(ack: AckFn, message: storage_pb2.SnapshotAck) -> None:
+    """Deliver an ack; a failing ack callback is logged, never fatal."""
+    try:
+        ack(message)
+    except Exception:
+        _log.exception("ack callback failed seq=%d", message.seq)
+
+
+def _send_fail(ack: AckFn, rx: SnapshotReceiver, reason: str) -> None:
+    abort = rx.fail(reason)
+    if abort.ack is not None:
+        _send(ack, abort.ack)
+
+
+def _report(progress: ProgressFn | None, phase: str, done: int, total: int) -> None:
+    if progress is not None:
+        try:
+            progress(phase, done, total)
+        except Exception:
+            _log.exception("progress callback failed phase=%s", phase)
+
+
+def _translate(abort: ReceiveAbort, last_applied: int) -> SnapshotTransferError:
+    if abort.stale:
+        return StaleSnapshotError(abort.snapshot_index, last_applied)
+    return SnapshotTransferError(abort.reason, seq=abort.seq, status=abort.status)
+
+
+def _disk_error(exc: OSError, directory: Path, doing: str) -> SnapshotError:
+    if exc.errno == errno.ENOSPC:
+        return InsufficientSpace(str(directory), 0, 0)
+    return SnapshotError(f"{doing} failed in {directory}: {exc}")
+
+
+def _tree_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+class _ChunkTimeout(Exception):
+    pass
+
+
+class _StreamError(Exception):
+    """The caller's chunk iterator raised (cause chained)."""
+
+
+class _Pump:
+    """Iterates a possibly-blocking chunk source with a per-chunk deadline.
+
+    A plain iterator cannot be interrupted, so it is pulled on a daemon
+    thread into a small buffer; the consumer waits on a condition with the
+    deadline. Lists and tuples never block and are iterated directly.
+    """
+
+    def __init__(self, source: Iterable[storage_pb2.SnapshotChunk], timeout: float) -> None:
+        self._timeout = timeout
+        self._direct: Iterator[storage_pb2.SnapshotChunk] | None = None
+        if isinstance(source, Sequence):
+            self._direct = iter(source)
+            return
+        self._source = source
+        self._cond = threading.Condition()
+        self._buffer: list[tuple[str, object]] = []
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="d-engine-sm-recv", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(("chunk", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # the caller's iterator failed: hand it over
+            self._put(("error", exc))
+
+    def _put(self, item: tuple[str, object]) -> bool:
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopped or len(self._buffer) < _PREFETCH)
+            if self._stopped:
+                return False
+            self._buffer.append(item)
+            self._cond.notify_all()
+            return True
+
+    def __iter__(self) -> Iterator[storage_pb2.SnapshotChunk]:
+        if self._direct is not None:
+            yield from self._direct
+            return
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: bool(self._buffer), self._timeout):
+                    raise _ChunkTimeout
+                kind, value = self._buffer.pop(0)
+                self._cond.notify_all()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise _StreamError(str(value)) from value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+
+    def close(self) -> None:
+        if self._direct is not None:
+            return
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
+class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
+    """The chunks of one archive; holds the reader's shared lock until closed."""
+
+    def __init__(
+        self,
+        stack: ExitStack,
+        reader: object,
+        *,
+        chunk_size: int,
+        leader_term: int,
+        leader_id: int,
+        metadata: SnapshotMetadata,
+        metrics: Metrics,
+        progress: ProgressFn | None,
+    ) -> None:
+        self._stack = stack
+        self._reader = reader
+        self._size: int = reader.size  # type: ignore[attr-defined]
+        self._chunk_size = chunk_size
+        self._total = chunks.chunk_count(self._size, chunk_size)
+        self._leader_term = leader_term
+        self._leader_id = leader_id
+        self._metadata = metadata
+        self._metrics = metrics
+        self._progress = progress
+        self._seq = 0
+        self._started = time.perf_counter()
+        self._closed = False
+
+    @property
+    def total_chunks(self) -> int:
+        return self._total
+
+    def __next__(self) -> storage_pb2.SnapshotChunk:
+        if self._closed or self._seq >= self._total:
+            self._finish(completed=not self._closed)
+            raise StopIteration
+        seq = self._seq
+        start, end = chunks.chunk_bounds(seq, self._size, self._chunk_size)
+        data = self._reader.read(start, end)  # type: ignore[attr-defined]
+        self._seq += 1
+        _report(self._progress, "send", end, self._size)
+        return chunks.make_chunk(
+            seq=seq,
+            total=self._total,
+            data=data,
+            leader_term=self._leader_term,
+            leader_id=self._leader_id,
+            metadata=self._metadata if seq == 0 else None,
+        )
+
+    def _finish(self, *, completed: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stack.close()
+        if completed:
+            self._metrics.incr("snapshot_sends")
+            self._metrics.incr("snapshot_sent_bytes", self._size)
+            self._metrics.observe("snapshot_send_seconds", time.perf_counter() - self._started)
+
+    def close(self) -> None:
+        """Release the archive early (an abandoned transfer)."""
+        self._finish(completed=False)
+
+    def __enter__(self) -> _ChunkStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._stack.close()
