@@ -34,7 +34,8 @@ def report(
     width = max(len(name) for name in rows)
     for name, s in rows.items():
         print(
-            f"{name:<{width}}  median {s['median']:>14,.1f}  min {s['min']:>14,.1f}  max {s['max']:>14,.1f}  {unit}"
+            f"{name:<{width}}  median {s['median']:>14,.1f}  "
+            f"min {s['min']:>14,.1f}  max {s['max']:>14,.1f}  {unit}"
         )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
