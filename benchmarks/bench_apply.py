@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from _common import measure, report, summary
+from _common import report, summary
 
 from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler, _kv
 from d_engine_sm.proto import client_pb2, common_pb2
@@ -57,16 +57,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args()
     batches = make_batches(ns.entries, ns.batch)
+    floor: list[float] = []
+    handler: list[float] = []
     with tempfile.TemporaryDirectory() as snapdir:
-        floor = measure(lambda: floor_run(batches), repeat=ns.repeat)
-        handler = measure(lambda: handler_run(batches, snapdir), repeat=ns.repeat)
+        floor_run(batches)  # warm-up
+        handler_run(batches, snapdir)
+        for _ in range(ns.repeat):  # interleaved, so drift in machine load hits both alike
+            floor.append(floor_run(batches))
+            handler.append(handler_run(batches, snapdir))
     rows = {"floor (parse + dict set)": summary(floor), "handler.apply_chunk": summary(handler)}
-    ratio = summary(handler)["median"] / summary(floor)["median"]
-    report(rows, {"handler / floor (target >= 0.70)": ratio}, ns.json, "entries/s")
+    ratios = {
+        "handler / floor, medians (target >= 0.70)": summary(handler)["median"]
+        / summary(floor)["median"],
+        "handler / floor, best runs": max(handler) / max(floor),
+    }
+    report(rows, ratios, ns.json, "entries/s")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ class _DictOps(_kv.KvOps):
         if self.expiry:
             self.expiry.pop(key, None)
 
+    def plain_setter(self) -> Callable[[bytes, bytes], None] | None:
+        # With no TTL keys a plain put is dict.__setitem__ itself: no Python frame.
+        return None if self.expiry else self.data.__setitem__
+
     def get_live(self, key: bytes, now: float) -> bytes | None:
         value = self.data.get(key)
         if value is not None and self.expiry:
