@@ -387,6 +387,9 @@ class SnapshotManager:
         with ExitStack() as cleanup:
             pump = _Pump(stream, config.chunk_timeout)
             cleanup.callback(pump.close)
+            # The archive file's own context: closed (fsync + close) before unpacking,
+            # or unwound with the error (file removed) when anything fails.
+            writing = cleanup.enter_context(ExitStack())
             temp: Path | None = None
             hasher = hashlib.sha256()
             try:
@@ -395,7 +398,7 @@ class SnapshotManager:
                     if step.data is not None:
                         if temp is None:
                             store.check_space(rx.expected_bytes)
-                            temp, out = cleanup.enter_context(store.temp_archive("receive"))
+                            temp, out = writing.enter_context(store.temp_archive("receive"))
                             cleanup.callback(store.remove_quietly, temp)
                         out.write(step.data)
                         hasher.update(step.data)
@@ -405,6 +408,7 @@ class SnapshotManager:
                 meta = rx.end_of_stream()
                 if len(meta.checksum) == 32 and hasher.digest() != meta.checksum:
                     raise rx.fail("archive SHA-256 does not match metadata.checksum")
+                writing.close()
             except ReceiveAbort as abort:
                 if abort.ack is not None:
                     _send(ack, abort.ack)
