@@ -4,6 +4,7 @@ from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
 from d_engine_sm._policy import CompositePolicy, LogSizePolicy, SnapshotPolicy, TimeBasedPolicy
+from d_engine_sm._sqlite import SqliteStateMachine
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, NewCommitData, SnapshotContext
 from d_engine_sm._watch import Watcher
@@ -49,6 +50,7 @@ __all__ = [
     "SnapshotNotFound",
     "SnapshotPolicy",
     "SnapshotTransferError",
+    "SqliteStateMachine",
     "StaleSnapshotError",
     "StateMachine",
     "StateMachineHandler",

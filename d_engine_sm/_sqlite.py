@@ -1,0 +1,671 @@
+"""SqliteStateMachine: the durable embedded key/value state machine (stdlib sqlite3).
+
+Theory of operation:
+
+* One writer connection, guarded by ``_write_lock``, does every write
+  (apply, reset, install, TTL cleanup, metadata). Each ``apply_chunk`` is one
+  transaction that carries the new ``last_applied`` with the data, so a crash
+  never leaves the two disagreeing.
+* Commands are decoded by the shared :func:`_kv.apply_entries` into an
+  in-memory overlay (last write per key wins); the overlay is then written
+  with two ``executemany`` calls. Collapsing per key keeps the SQL batch
+  small and lets CompareAndSwap see earlier writes of the same batch.
+* Reads use per-thread connections in WAL mode: they never block applies and
+  only ever see committed transactions. ``last_applied``, the term history
+  and the snapshot metadata are also cached in Python (replaced, never
+  mutated, after each commit) so the handler's hot queries touch no file.
+* ``prepare_snapshot`` opens a read transaction on a dedicated connection
+  (microseconds); ``generate_snapshot_data`` copies that pinned view with the
+  SQLite backup API into a standalone file while applies continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Callable, Sequence
+from itertools import chain
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from d_engine_sm import _kv
+from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
+from d_engine_sm._state_machine import StateMachine
+from d_engine_sm._values import ApplyResult, LogId
+from d_engine_sm.errors import CorruptSnapshotError, SnapshotError
+from d_engine_sm.proto import common_pb2, storage_pb2
+
+_log = logging.getLogger("d_engine_sm.sqlite")
+
+SNAPSHOT_FILE: Final = "state.sqlite3"
+APPLICATION_ID: Final = 0x4445534D  # "DESM": marks files written by this class
+SCHEMA_VERSION: Final = 1
+_TERM_HISTORY: Final = 64  # term changes remembered for entry_term(), as in memory
+_BUSY_TIMEOUT: Final = 30.0
+_SYNC: Final = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
+_KV_COLUMNS: Final = [("key", "BLOB"), ("value", "BLOB"), ("expires_at", "REAL")]
+
+_SCHEMA: Final = (
+    "CREATE TABLE kv(key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
+    " expires_at REAL) WITHOUT ROWID",
+    "CREATE INDEX kv_expiry ON kv(expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE TABLE meta(id INTEGER PRIMARY KEY CHECK (id = 0),"
+    " applied_index INTEGER NOT NULL, applied_term INTEGER NOT NULL, snapshot_meta BLOB)",
+    "INSERT INTO meta VALUES (0, 0, 0, NULL)",
+    "CREATE TABLE terms(first_index INTEGER PRIMARY KEY, term INTEGER NOT NULL)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_ROWS_PER_STATEMENT: Final = 128  # rows per multi-row statement (x3 params < SQLite's old 999 cap)
+
+
+def _statements(head: str, row: str, sep: str = ", ", tail: str = "") -> dict[int, str]:
+    """SQL with 128, 64, ... 1 row placeholders: any count is a sum of these."""
+    sizes = [_ROWS_PER_STATEMENT >> i for i in range(_ROWS_PER_STATEMENT.bit_length())]
+    return {n: head + sep.join([row] * n) + tail for n in sizes}
+
+
+# One multi-row statement binds ~2x faster than executemany (one step, no
+# per-row reset); power-of-two sizes keep the statement cache small.
+_UPSERT2: Final = _statements("INSERT OR REPLACE INTO kv(key, value) VALUES ", "(?, ?)")
+_UPSERT3: Final = _statements(
+    "INSERT OR REPLACE INTO kv(key, value, expires_at) VALUES ", "(?, ?, ?)"
+)
+_DELETE: Final = _statements("DELETE FROM kv WHERE key IN (", "?", ", ", ")")
+_SELECT: Final = "SELECT value, expires_at FROM kv WHERE key = ?"
+_SET_APPLIED: Final = "UPDATE meta SET applied_index = ?, applied_term = ? WHERE id = 0"
+
+
+class _OverlayOps(_kv.KvOps):
+    """Collects one batch's writes, last write per key; reads fall through to the DB.
+
+    A key lives in exactly one of ``plain`` (no TTL; None = deleted) and
+    ``ttl``, so the two ``executemany`` calls that flush them commute.
+    ``plain`` maps key -> value so ``plain.items()`` already yields the SQL
+    parameter rows: no tuple is built per entry on the hot path.
+    """
+
+    __slots__ = ("conn", "deletes", "plain", "ttl")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.plain: dict[bytes, bytes | None] = {}
+        self.ttl: dict[bytes, tuple[bytes, bytes, float]] = {}
+        self.deletes = False
+
+    def put(self, key: bytes, value: bytes, expires_at: float | None) -> None:
+        if expires_at is None:
+            self.plain[key] = value
+            if self.ttl:
+                self.ttl.pop(key, None)
+        else:
+            self.ttl[key] = (key, value, expires_at)
+            self.plain.pop(key, None)
+
+    def delete(self, key: bytes) -> None:
+        self.plain[key] = None
+        self.deletes = True
+        if self.ttl:
+            self.ttl.pop(key, None)
+
+    def get_live(self, key: bytes, now: float) -> bytes | None:
+        if key in self.plain:
+            return self.plain[key]
+        if key in self.ttl:
+            _, value, at = self.ttl[key]
+        else:
+            found = self.conn.execute(_SELECT, (key,)).fetchone()
+            if found is None:
+                return None
+            value, at = found
+        return value if at is None or at > now else None
+
+    def flush(self) -> None:
+        """Write the collected batch (inside the caller's transaction)."""
+        db = self.conn
+        plain = self.plain
+        if self.deletes:
+            live = [kv for kv in plain.items() if kv[1] is not None]
+            _execute_rows(db, _UPSERT2, list(chain.from_iterable(live)), 2)
+            _execute_rows(db, _DELETE, [k for k, v in plain.items() if v is None], 1)
+        elif plain:
+            _execute_rows(db, _UPSERT2, list(chain.from_iterable(plain.items())), 2)
+        if self.ttl:
+            _execute_rows(db, _UPSERT3, list(chain.from_iterable(self.ttl.values())), 3)
+
+
+def _execute_rows(
+    db: sqlite3.Connection, statements: dict[int, str], flat: list[object], width: int
+) -> None:
+    """Run ``statements`` over ``flat`` (rows of ``width`` params, concatenated)."""
+    count = len(flat) // width
+    done = 0
+    size = _ROWS_PER_STATEMENT
+    while done < count:
+        while size > count - done:
+            size >>= 1
+        db.execute(statements[size], flat[done * width : (done + size) * width])
+        done += size
+
+
+class SqliteStateMachine(StateMachine):
+    """A durable key/value state machine in one SQLite database (WAL mode).
+
+    Executes ``WriteCommand`` payloads exactly like :class:`MemoryStateMachine`
+    (Insert with optional TTL, Delete, CompareAndSwap). Each ``apply_chunk``
+    is one transaction that includes the new ``last_applied``; reopening the
+    same path restores the data, ``last_applied`` and the snapshot metadata.
+
+    ``durability`` sets SQLite's ``synchronous`` pragma:
+
+    * ``"full"`` (default): every returned ``apply_chunk`` is on disk and
+      survives a power loss.
+    * ``"normal"``: survives a process crash; a power loss may lose the last
+      few applied batches (never half a batch).
+    * ``"off"``: nothing is fsynced; for tests and benchmarks only.
+
+    Thread safety: all methods may be called from any thread. Writes are
+    serialised on one connection; ``get``/``__len__``/``items`` run on
+    per-thread read connections concurrently with applies and see only
+    committed batches. ``stop()`` only flushes and clears the running flag
+    (the instance stays usable, like MemoryStateMachine); ``close()``
+    releases the connections and is terminal. Use one instance per path.
+
+    Args:
+        path: database file; parent directories are created.
+        durability: ``"full"``, ``"normal"`` or ``"off"`` (above).
+        clock: wall-clock seconds used to stamp and check TTL expiry.
+        file_ops: seam whose ``announce`` is called before crash-relevant
+            steps (``"sqlite:install:commit"``); tests use it to kill the
+            process there.
+
+    Raises:
+        ValueError: bad ``durability``, or ``path`` holds another database.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: str = "full",
+        clock: Callable[[], float] = time.time,
+        file_ops: FileOps | None = None,
+    ) -> None:
+        if durability not in _SYNC:
+            raise ValueError(f"durability must be one of {sorted(_SYNC)}, got {durability!r}")
+        self._path = os.path.abspath(os.fspath(path))
+        self._durability = durability
+        self._clock = clock
+        self._fs = file_ops if file_ops is not None else DEFAULT_FILE_OPS
+        self._write_lock = threading.Lock()
+        self._readers_lock = threading.Lock()
+        self._snap_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self._pinned: sqlite3.Connection | None = None
+        self._closed = False
+        self._running = True
+        os.makedirs(os.path.dirname(self._path), exist_ok=True)
+        self._db = self._connect()
+        try:
+            self._init_schema()
+            self._load_cache()
+        except BaseException:
+            self._db.close()
+            raise
+        _log.info(
+            "opened path=%s durability=%s last_applied=%d",
+            self._path,
+            durability,
+            self._last_applied.index,
+        )
+
+    # -- connections -----------------------------------------------------
+    def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
+        # check_same_thread=False: the writer is guarded by _write_lock, a
+        # reader is used by its own thread only (close() excepted).
+        conn = sqlite3.connect(
+            self._path,
+            timeout=_BUSY_TIMEOUT,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=True,
+        )
+        if readonly:
+            conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    def _init_schema(self) -> None:
+        db = self._db
+        try:
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{self._path} is not a SQLite database: {exc}") from exc
+        if app_id == 0 and tables == 0:
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ValueError(f"{self._path}: cannot enable WAL mode (got {mode})")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        elif app_id != APPLICATION_ID or version != SCHEMA_VERSION:
+            raise ValueError(
+                f"{self._path} is not a SqliteStateMachine database "
+                f"(application_id={app_id:#x} user_version={version})"
+            )
+        db.execute(f"PRAGMA synchronous = {_SYNC[self._durability]}")
+
+    def _load_cache(self) -> None:
+        index, term, blob = self._db.execute(
+            "SELECT applied_index, applied_term, snapshot_meta FROM meta WHERE id = 0"
+        ).fetchone()
+        self._last_applied = LogId(term=term, index=index)
+        self._snapshot_meta = _parse_meta(blob) if blob is not None else None
+        self._term_starts: list[tuple[int, int]] = [
+            (int(i), int(t))
+            for i, t in self._db.execute("SELECT first_index, term FROM terms ORDER BY 1")
+        ]
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(readonly=True)
+            me = threading.current_thread()
+            with self._readers_lock:
+                # Close connections of threads that have exited.
+                live = []
+                for ref, other in self._readers:
+                    thread = ref()
+                    if thread is not None and thread.is_alive():
+                        live.append((ref, other))
+                    else:
+                        other.close()
+                live.append((weakref.ref(me), conn))
+                self._readers = live
+            self._local.conn = conn
+        return conn
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._closed:
+            raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
+        return self._db
+
+    @property
+    def path(self) -> str:
+        """Absolute path of the database file."""
+        return self._path
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        self._writer()
+        self._running = True
+
+    def stop(self) -> None:
+        """Flush and clear the running flag; the instance stays usable."""
+        if not self._closed:
+            self.flush()
+        self._running = False
+
+    def is_running(self) -> bool:
+        return self._running and not self._closed
+
+    def close(self) -> None:
+        """Release every connection (idempotent). Further calls raise ValueError."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._running = False
+            self._release_pinned()
+            with self._readers_lock:
+                readers, self._readers = self._readers, []
+            for _, conn in readers:
+                conn.close()
+            self._db.close()
+        _log.info("closed path=%s", self._path)
+
+    def __enter__(self) -> SqliteStateMachine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- reads -----------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        row = self._reader().execute(_SELECT, (key,)).fetchone()
+        if row is None:
+            return None
+        value, at = row
+        return value if at is None or at > self._clock() else None
+
+    def __len__(self) -> int:
+        """Number of stored keys, expired-but-not-cleaned ones included (O(n))."""
+        return int(self._reader().execute("SELECT count(*) FROM kv").fetchone()[0])
+
+    def items(self) -> dict[bytes, bytes]:
+        """A copy of the live key/value pairs (expired keys left out)."""
+        now = self._clock()
+        rows = self._reader().execute(
+            "SELECT key, value FROM kv WHERE expires_at IS NULL OR expires_at > ?", (now,)
+        )
+        return dict(rows.fetchall())
+
+    def entry_term(self, index: int) -> int | None:
+        last = self._last_applied
+        if index <= 0 or index > last.index:
+            return None
+        meta = self._snapshot_meta
+        if meta is not None and index == meta.last_included.index:
+            return int(meta.last_included.term)
+        term = None
+        for first, t in self._term_starts:  # short list, ascending
+            if first > index:
+                break
+            term = t
+        return term
+
+    # -- write path ------------------------------------------------------
+    def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
+        if not entries:
+            return []
+        with self._write_lock:
+            db = self._writer()
+            ops = _OverlayOps(db)
+            last = entries[-1]
+            starts = self._next_terms(entries)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                results = _kv.apply_entries(entries, ops, self._clock())
+                ops.flush()
+                db.execute(_SET_APPLIED, (last.index, last.term))
+                if starts is not None:
+                    self._write_terms(db, starts)
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+            # Publish only after the commit: readers never see uncommitted state.
+            if starts is not None:
+                self._term_starts = starts
+            self._last_applied = LogId(term=last.term, index=last.index)
+        _log.debug("applied path=%s first=%d last=%d", self._path, entries[0].index, last.index)
+        return results
+
+    def _next_terms(self, entries: Sequence[common_pb2.Entry]) -> list[tuple[int, int]] | None:
+        """The term history after ``entries``, or None when unchanged."""
+        starts = self._term_starts
+        current = starts[-1][1] if starts else None
+        if entries[0].term == current and entries[-1].term == current:
+            return None
+        new = list(starts)
+        for entry in entries:
+            if entry.term != current:
+                new.append((entry.index, entry.term))
+                current = entry.term
+        if new == starts:
+            return None
+        return new[-_TERM_HISTORY:]
+
+    @staticmethod
+    def _write_terms(db: sqlite3.Connection, starts: list[tuple[int, int]]) -> None:
+        db.execute("DELETE FROM terms")
+        db.executemany("INSERT OR REPLACE INTO terms VALUES (?, ?)", starts)
+
+    def last_applied(self) -> LogId:
+        last = self._last_applied
+        return LogId(term=last.term, index=last.index)
+
+    def update_last_applied(self, log_id: LogId) -> None:
+        """Set ``last_applied``; persisted at once (it is rare and must survive)."""
+        self.persist_last_applied(log_id)
+
+    def persist_last_applied(self, log_id: LogId) -> None:
+        with self._write_lock:
+            self._writer().execute(_SET_APPLIED, (log_id.index, log_id.term))
+            self._last_applied = LogId(term=log_id.term, index=log_id.index)
+
+    def lease_background_cleanup(self) -> list[bytes]:
+        with self._write_lock:
+            db = self._writer()
+            now = self._clock()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                where = "WHERE expires_at IS NOT NULL AND expires_at <= ?"
+                keys = [k for (k,) in db.execute(f"SELECT key FROM kv {where}", (now,))]
+                if keys:
+                    db.execute(f"DELETE FROM kv {where}", (now,))
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+        if keys:
+            _log.debug("expired path=%s keys=%d", self._path, len(keys))
+        return keys
+
+    # -- snapshots -------------------------------------------------------
+    def snapshot_metadata(self) -> storage_pb2.SnapshotMetadata | None:
+        return self._snapshot_meta
+
+    def update_last_snapshot_metadata(self, meta: storage_pb2.SnapshotMetadata) -> None:
+        """Record ``meta``; persisted at once so a reopen restores it."""
+        self.persist_last_snapshot_metadata(meta)
+
+    def persist_last_snapshot_metadata(self, meta: storage_pb2.SnapshotMetadata) -> None:
+        copy = storage_pb2.SnapshotMetadata()
+        copy.CopyFrom(meta)
+        with self._write_lock:
+            self._writer().execute(
+                "UPDATE meta SET snapshot_meta = ? WHERE id = 0", (copy.SerializeToString(),)
+            )
+            self._snapshot_meta = copy
+
+    def prepare_snapshot(self) -> None:
+        """Pin the current committed state for the next ``generate_snapshot_data``.
+
+        Opens a read transaction on a dedicated connection (fast; no copy).
+        While pinned, WAL checkpoints cannot pass this point, so the WAL grows
+        until the snapshot is generated.
+        """
+        conn = self._connect(readonly=True)
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT applied_index FROM meta").fetchone()  # starts the read txn
+        except BaseException:
+            conn.close()
+            raise
+        with self._snap_lock:
+            if self._closed:
+                conn.close()
+                raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
+            self._release_pinned()
+            self._pinned = conn
+
+    def _release_pinned(self) -> None:
+        pinned, self._pinned = self._pinned, None
+        if pinned is not None:
+            pinned.close()
+
+    def generate_snapshot_data(self, dir: Path, last_included: LogId) -> None:
+        """Write ``dir/state.sqlite3``: the pinned state, or the current one.
+
+        Runs concurrently with applies (they use another connection).
+
+        Raises:
+            SnapshotError: the copy failed.
+        """
+        with self._snap_lock:
+            source, self._pinned = self._pinned, None
+        if source is None:
+            source = self._connect(readonly=True)
+        target_path = Path(dir) / SNAPSHOT_FILE
+        try:
+            target = sqlite3.connect(os.fspath(target_path), isolation_level=None)
+            try:
+                source.backup(target)
+                # A backup keeps the source's WAL flag; make the file standalone.
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
+        except sqlite3.Error as exc:
+            raise SnapshotError(f"cannot write snapshot {target_path}: {exc}") from exc
+        finally:
+            source.close()
+        _log.info(
+            "snapshot written path=%s index=%d term=%d",
+            target_path,
+            last_included.index,
+            last_included.term,
+        )
+
+    def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        """Replace the whole state with ``dir/state.sqlite3`` in one transaction.
+
+        The file is validated first (a SQLite file with this schema, passing
+        ``quick_check``, blob keys and values). A crash at any point leaves
+        either the old or the new state.
+
+        Raises:
+            CorruptSnapshotError: the file is missing, not a database, or not
+                of this schema; nothing changed.
+        """
+        source = Path(dir) / SNAPSHOT_FILE
+        if not source.is_file():
+            raise CorruptSnapshotError(str(source), "snapshot data file is missing")
+        copy = storage_pb2.SnapshotMetadata()
+        copy.CopyFrom(meta)
+        lid = copy.last_included
+        uri = "file:" + urllib.parse.quote(os.path.abspath(source)) + "?mode=ro"
+        with self._write_lock:
+            db = self._writer()
+            try:
+                db.execute("ATTACH DATABASE ? AS snap", (uri,))
+            except sqlite3.DatabaseError as exc:
+                raise CorruptSnapshotError(str(source), f"cannot open: {exc}") from exc
+            try:
+                _validate_attached(db, str(source))
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("DELETE FROM main.kv")
+                    db.execute(
+                        "INSERT INTO main.kv(key, value, expires_at)"
+                        " SELECT key, value, expires_at FROM snap.kv"
+                    )
+                    db.execute("DELETE FROM main.terms")
+                    db.execute(
+                        "UPDATE main.meta SET applied_index = ?, applied_term = ?,"
+                        " snapshot_meta = ? WHERE id = 0",
+                        (lid.index, lid.term, copy.SerializeToString()),
+                    )
+                    # A crash before COMMIT rolls all of the above back.
+                    self._fs.announce("sqlite:install:commit")
+                    db.execute("COMMIT")
+                except BaseException:
+                    _rollback(db)
+                    raise
+            finally:
+                db.execute("DETACH DATABASE snap")
+            self._term_starts = []
+            self._snapshot_meta = copy
+            self._last_applied = LogId(term=lid.term, index=lid.index)
+        _log.info("snapshot installed path=%s index=%d term=%d", self._path, lid.index, lid.term)
+
+    def flush(self) -> None:
+        """Make every applied batch durable, whatever ``durability`` says.
+
+        Fsyncs the database and its WAL directly rather than waiting on a
+        FULL checkpoint, which a pinned snapshot read would block.
+        """
+        with self._write_lock:
+            db = self._writer()
+            if self._durability != "full":
+                for name in (self._path, self._path + "-wal"):
+                    try:
+                        fd = os.open(name, os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                self._fs.fsync_dir(Path(self._path).parent)
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+    def reset(self) -> None:
+        with self._write_lock:
+            db = self._writer()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM kv")
+                db.execute("DELETE FROM terms")
+                db.execute(
+                    "UPDATE meta SET applied_index = 0, applied_term = 0,"
+                    " snapshot_meta = NULL WHERE id = 0"
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+            self._term_starts = []
+            self._snapshot_meta = None
+            self._last_applied = LogId()
+        with self._snap_lock:
+            self._release_pinned()
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+def _parse_meta(blob: bytes) -> storage_pb2.SnapshotMetadata:
+    meta = storage_pb2.SnapshotMetadata()
+    meta.ParseFromString(blob)
+    return meta
+
+
+def _validate_attached(db: sqlite3.Connection, path: str) -> None:
+    """Refuse an attached ``snap`` that is not a snapshot of this schema."""
+    try:
+        app_id = db.execute("PRAGMA snap.application_id").fetchone()[0]
+        version = db.execute("PRAGMA snap.user_version").fetchone()[0]
+        if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
+            raise CorruptSnapshotError(
+                path, f"not a SqliteStateMachine snapshot (application_id={app_id:#x})"
+            )
+        columns = [
+            (row[1], str(row[2]).upper()) for row in db.execute("PRAGMA snap.table_info(kv)")
+        ]
+        if columns != _KV_COLUMNS:
+            raise CorruptSnapshotError(path, f"unexpected kv table columns {columns}")
+        check = db.execute("PRAGMA snap.quick_check").fetchall()
+        if check != [("ok",)]:
+            raise CorruptSnapshotError(path, f"quick_check failed: {check[:3]}")
+        bad = db.execute(
+            "SELECT count(*) FROM snap.kv WHERE typeof(key) != 'blob' OR typeof(value) != 'blob'"
+            " OR (expires_at IS NOT NULL AND typeof(expires_at) NOT IN ('real', 'integer'))"
+        ).fetchone()[0]
+        if bad:
+            raise CorruptSnapshotError(path, f"{bad} rows with wrongly typed columns")
+    except sqlite3.DatabaseError as exc:
+        raise CorruptSnapshotError(path, f"not a readable SQLite database: {exc}") from exc
