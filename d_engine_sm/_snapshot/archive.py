@@ -349,6 +349,10 @@ def _open_tar(gz: BinaryIO) -> tarfile.TarFile:
 
 def _next_member(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
     """The next member or None; tarfile's member list is cleared so memory stays flat."""
+    if cast(Any, tar)._loaded:
+        # Python 3.10's next() after the end (e.g. an empty archive, whose end
+        # TarFile.__init__ already read) seeks backwards: a stream cannot.
+        return None
     member = tar.next()
     cast(Any, tar).members.clear()
     return member

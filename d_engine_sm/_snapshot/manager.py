@@ -10,9 +10,11 @@ processes through the store's ``.lock``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,10 +29,11 @@ from d_engine_sm._metrics import Metrics
 from d_engine_sm._policy import SnapshotPolicy
 from d_engine_sm._snapshot import archive, chunks
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
-from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotStore
+from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotReader, SnapshotStore
 from d_engine_sm._state_machine import StateMachine, overrides_prepare
 from d_engine_sm._values import LogId
 from d_engine_sm.errors import (
+    ChunkOutOfRange,
     DEngineError,
     InsufficientSpace,
     SnapshotError,
@@ -48,6 +51,8 @@ ProgressFn = Callable[[str, int, int], None]
 SnapshotMetadata = storage_pb2.SnapshotMetadata
 
 _PREFETCH: Final = 2  # chunks pulled ahead of the writer (bounds receive memory)
+_SPACE_MARGIN: Final = 64 * 1024  # gzip/tar overhead over the raw bytes, worst case
+_PAGE: Final = mmap.PAGESIZE
 
 
 class SnapshotManager:
@@ -101,8 +106,7 @@ class SnapshotManager:
         except SnapshotInProgress:
             # Another process is writing: its temp files are live. Look, don't touch.
             _log.info("recover skipped (dir locked) dir=%s", self._store.directory)
-            info = self._store.latest()
-            found = (info, archive.sha256_file(info.path)) if info is not None else None
+            found = _peek_latest(self._store)
         if found is None:
             return None
         info, digest = found
@@ -158,10 +162,11 @@ class SnapshotManager:
         store = self._store
         work_dir = store.new_temp_path("work")
         try:
+            self._fs.announce("create:work_dir")
             self._fs.mkdir(work_dir)
             last_included = self._capture(work_dir)
-            if isinstance(last_included, tuple):  # already snapshotted at this LogId
-                return last_included
+            if isinstance(last_included, ArchiveInfo):  # already snapshotted at this LogId
+                return self._existing(last_included), last_included.path
             _report(progress, "generate", 1, 1)
             meta, final = self._pack_and_publish(work_dir, last_included, progress)
         finally:
@@ -177,12 +182,14 @@ class SnapshotManager:
         )
         return meta, final
 
-    def _capture(self, work_dir: Path) -> LogId | tuple[SnapshotMetadata, Path]:
+    def _capture(self, work_dir: Path) -> LogId | ArchiveInfo:
         """Write the state into ``work_dir``; returns the exact LogId it reflects.
 
         Applies are paused while the LogId is read and the state captured, so
         the data is exactly the state at that LogId. With a ``prepare_snapshot``
         override only the capture is paused; generate runs alongside applies.
+        Returns the existing archive instead when one is already published for
+        that LogId (hashing it is left to the caller: not under the pause).
         """
         two_phase = overrides_prepare(self._sm)
         self._pause.acquire()
@@ -191,7 +198,7 @@ class SnapshotManager:
             last_included = self._applied()
             existing = self._store.find(last_included.index, last_included.term)
             if existing is not None:
-                return self._existing(existing), existing.path
+                return existing
             if two_phase:
                 try:
                     self._sm.prepare_snapshot()
@@ -199,6 +206,7 @@ class SnapshotManager:
                     raise SnapshotError(f"prepare_snapshot failed: {exc}") from exc
                 self._pause.release()
                 paused = False
+            self._fs.announce("create:generate")
             try:
                 self._sm.generate_snapshot_data(work_dir, last_included)
             except Exception as exc:
@@ -219,9 +227,11 @@ class SnapshotManager:
         self, work_dir: Path, last_included: LogId, progress: ProgressFn | None
     ) -> tuple[SnapshotMetadata, Path]:
         store = self._store
-        store.check_space(_tree_size(work_dir) + 64 * 1024)
+        needed = _tree_size(work_dir) + _SPACE_MARGIN
+        store.check_space(needed)
         try:
             with store.temp_archive("create") as (temp, out):
+                self._fs.announce("create:pack")
                 digest, _size = archive.pack(
                     work_dir, out, level=self._config.compression_level, progress=progress
                 )
@@ -231,10 +241,11 @@ class SnapshotManager:
                 store.remove_quietly(temp)
                 raise
         except OSError as exc:
-            raise _disk_error(exc, store.directory, "writing snapshot archive") from exc
+            raise self._disk_error(exc, needed, "writing snapshot archive") from exc
         return _metadata(last_included.index, last_included.term, digest), final
 
     def _record(self, meta: SnapshotMetadata) -> None:
+        self._fs.announce("record")
         try:
             self._sm.update_last_snapshot_metadata(meta)
             self._sm.persist_last_snapshot_metadata(meta)
@@ -331,8 +342,6 @@ class SnapshotManager:
         with self._store.open_reader(info) as reader:
             total = chunks.chunk_count(reader.size, size_chunk)
             if seq >= total:
-                from d_engine_sm.errors import ChunkOutOfRange
-
                 raise ChunkOutOfRange(seq, total)
             start, end = chunks.chunk_bounds(seq, reader.size, size_chunk)
             data = reader.read(start, end)
@@ -400,9 +409,10 @@ class SnapshotManager:
                             store.check_space(rx.expected_bytes)
                             temp, out = writing.enter_context(store.temp_archive("receive"))
                             cleanup.callback(store.remove_quietly, temp)
+                        self._fs.announce("receive:chunk")
                         out.write(step.data)
                         hasher.update(step.data)
-                        _report(progress, "receive", rx.received, rx.total_chunks)
+                        _report(progress, "receive", rx.received_bytes, rx.expected_bytes)
                     if step.ack is not None:
                         _send(ack, step.ack)
                 meta = rx.end_of_stream()
@@ -414,20 +424,22 @@ class SnapshotManager:
                     _send(ack, abort.ack)
                 raise _translate(abort, last_applied) from None
             except _ChunkTimeout:
-                abort = rx.timed_out(config.chunk_timeout)
-                if abort.ack is not None:
-                    _send(ack, abort.ack)
-                raise _translate(abort, last_applied) from None
-            except (DEngineError, OSError, _StreamError) as exc:
-                abort = rx.fail(str(exc))
-                if abort.ack is not None:
-                    _send(ack, abort.ack)
+                timed_out = rx.timed_out(config.chunk_timeout)
+                if timed_out.ack is not None:
+                    _send(ack, timed_out.ack)
+                raise _translate(timed_out, last_applied) from None
+            except (DEngineError, OSError, _StreamError, TypeError) as exc:
+                failed = rx.fail(str(exc))
+                if failed.ack is not None:
+                    _send(ack, failed.ack)
                 if isinstance(exc, OSError):
-                    raise _disk_error(exc, store.directory, "receiving snapshot") from exc
+                    raise self._disk_error(exc, rx.expected_bytes, "receiving snapshot") from exc
                 if isinstance(exc, _StreamError):
                     raise SnapshotTransferError(
                         f"stream error: {exc.__cause__!r}", seq=rx.received
                     ) from exc.__cause__
+                if isinstance(exc, TypeError):  # the stream yielded something else than chunks
+                    raise SnapshotTransferError(str(exc), seq=rx.received) from exc
                 raise
             assert temp is not None  # end_of_stream guarantees >= 1 chunk
             self._install(meta, temp, config, progress, lambda reason: _send_fail(ack, rx, reason))
@@ -448,6 +460,7 @@ class SnapshotManager:
         lid = meta.last_included
         try:
             try:
+                self._fs.announce("install:unpack")
                 self._fs.mkdir(unpack_dir)
                 archive.safe_unpack(
                     temp,
@@ -458,7 +471,7 @@ class SnapshotManager:
                 )
             except OSError as exc:
                 fail(str(exc))
-                raise _disk_error(exc, store.directory, "unpacking snapshot") from exc
+                raise self._disk_error(exc, 0, "unpacking snapshot") from exc
             except DEngineError as exc:
                 fail(str(exc))
                 raise
@@ -477,6 +490,7 @@ class SnapshotManager:
             _report(progress, "install", 1, 1)
         finally:
             store.remove_quietly(unpack_dir)
+        self._fs.announce("install:publish")
         try:
             final = store.publish(temp, lid.index, lid.term)
         except OSError as exc:
@@ -491,6 +505,17 @@ class SnapshotManager:
         self._record(kept)
         self._prune_quietly()
         _log.info("snapshot installed index=%d term=%d path=%s", lid.index, lid.term, final)
+
+    def _disk_error(self, exc: OSError, needed: int, doing: str) -> SnapshotError:
+        """``ENOSPC`` becomes InsufficientSpace (with what is free now), the rest SnapshotError."""
+        directory = self._store.directory
+        if exc.errno == errno.ENOSPC:
+            try:
+                free = self._fs.disk_free(directory)
+            except OSError:
+                free = 0
+            return InsufficientSpace(str(directory), needed, free)
+        return SnapshotError(f"{doing} failed in {directory}: {exc}")
 
     def close(self) -> None:
         pass
@@ -533,10 +558,14 @@ def _translate(abort: ReceiveAbort, last_applied: int) -> SnapshotTransferError:
     return SnapshotTransferError(abort.reason, seq=abort.seq, status=abort.status)
 
 
-def _disk_error(exc: OSError, directory: Path, doing: str) -> SnapshotError:
-    if exc.errno == errno.ENOSPC:
-        return InsufficientSpace(str(directory), 0, 0)
-    return SnapshotError(f"{doing} failed in {directory}: {exc}")
+def _peek_latest(store: SnapshotStore) -> tuple[ArchiveInfo, bytes] | None:
+    """Newest archive and its SHA-256 without writing (another process may be pruning)."""
+    for info in reversed(store.list_archives()):
+        try:
+            return info, archive.sha256_file(info.path)
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def _tree_size(root: Path) -> int:
@@ -573,13 +602,22 @@ class _Pump:
         self._thread.start()
 
     def _run(self) -> None:
+        it = iter(self._source)
         try:
-            for item in self._source:
+            for item in it:
                 if not self._put(("chunk", item)):
-                    return
-            self._put(("end", None))
+                    break
+            else:
+                self._put(("end", None))
         except BaseException as exc:  # the caller's iterator failed: hand it over
             self._put(("error", exc))
+        finally:
+            # An abandoned sender (e.g. our own chunk stream) releases its
+            # archive now rather than at garbage collection.
+            close = getattr(it, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
 
     def _put(self, item: tuple[str, object]) -> bool:
         with self._cond:
@@ -620,7 +658,7 @@ class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
     def __init__(
         self,
         stack: ExitStack,
-        reader: object,
+        reader: SnapshotReader,
         *,
         chunk_size: int,
         leader_term: int,
@@ -631,7 +669,8 @@ class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
     ) -> None:
         self._stack = stack
         self._reader = reader
-        self._size: int = reader.size  # type: ignore[attr-defined]
+        self._size = reader.size
+        self._released = 0  # mapped bytes already handed back to the kernel
         self._chunk_size = chunk_size
         self._total = chunks.chunk_count(self._size, chunk_size)
         self._leader_term = leader_term
@@ -653,7 +692,8 @@ class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
             raise StopIteration
         seq = self._seq
         start, end = chunks.chunk_bounds(seq, self._size, self._chunk_size)
-        data = self._reader.read(start, end)  # type: ignore[attr-defined]
+        data = self._reader.read(start, end)
+        self._release(end)
         self._seq += 1
         _report(self._progress, "send", end, self._size)
         return chunks.make_chunk(
@@ -664,6 +704,22 @@ class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
             leader_id=self._leader_id,
             metadata=self._metadata if seq == 0 else None,
         )
+
+    def _release(self, upto: int) -> None:
+        """Drop the mapped pages already sent, so RSS stays flat for any archive size.
+
+        Without it every page read stays counted in this process's RSS until
+        the map is closed: a 1 GiB archive would cost 1 GiB of RSS to send.
+        """
+        mapped = self._reader.mmap
+        advise = getattr(mapped, "madvise", None)
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)
+        end = upto - upto % _PAGE
+        if advise is None or dontneed is None or end - self._released < 8 * _PAGE:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            advise(dontneed, self._released, end - self._released)
+        self._released = end
 
     def _finish(self, *, completed: bool) -> None:
         if self._closed:
