@@ -8,6 +8,14 @@ from d_engine_sm._sqlite import SqliteStateMachine
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, NewCommitData, SnapshotContext
 from d_engine_sm._watch import Watcher
+from d_engine_sm._worker import (
+    ApplyCompleted,
+    ApplyWorker,
+    FatalError,
+    SnapshotCreated,
+    SnapshotFailed,
+    WorkerEvent,
+)
 from d_engine_sm.errors import (
     ApplyError,
     ApplyOrderError,
@@ -30,14 +38,17 @@ from d_engine_sm.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApplyCompleted",
     "ApplyError",
     "ApplyOrderError",
     "ApplyResult",
     "ApplyTimeout",
+    "ApplyWorker",
     "ChunkOutOfRange",
     "CompositePolicy",
     "CorruptSnapshotError",
     "DEngineError",
+    "FatalError",
     "HandlerClosed",
     "InsufficientSpace",
     "LogSizePolicy",
@@ -45,7 +56,9 @@ __all__ = [
     "NewCommitData",
     "SnapshotConfig",
     "SnapshotContext",
+    "SnapshotCreated",
     "SnapshotError",
+    "SnapshotFailed",
     "SnapshotInProgress",
     "SnapshotNotFound",
     "SnapshotPolicy",
@@ -58,5 +71,6 @@ __all__ = [
     "TimeBasedPolicy",
     "UnsafeArchiveError",
     "Watcher",
+    "WorkerEvent",
     "WorkerStopped",
 ]
