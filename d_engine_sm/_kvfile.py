@@ -19,46 +19,67 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Mapping
-from itertools import accumulate, pairwise
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import accumulate, islice, pairwise
 from typing import BinaryIO, Final
 
 MAGIC: Final = b"DESMKV01"
 _HEADER: Final = struct.Struct("<8sQQQQ")
 _TTL: Final = struct.Struct("<Qd")
 _MAX_LEN: Final = 0xFFFF_FFFF
+_SLICE: Final = 16_384
 
 
 def _u32(values: list[int]) -> array[int]:
     arr = array("I", values)
     if arr.itemsize != 4:  # pragma: no cover - no mainstream platform
         raise RuntimeError("array('I') is not 32-bit here")
-    if sys.byteorder == "big":  # pragma: no cover
-        arr.byteswap()
     return arr
 
 
 def write(out: BinaryIO, data: Mapping[bytes, bytes], expiry: Mapping[bytes, float]) -> None:
-    """Write ``data`` (and expiries of its keys) to ``out``."""
-    keys = list(data)
-    values = list(data.values())
-    klens = list(map(len, keys))
-    vlens = list(map(len, values))
-    if (klens and max(klens) > _MAX_LEN) or (vlens and max(vlens) > _MAX_LEN):
+    """Write ``data`` (and expiries of its keys) to ``out``.
+
+    Streams in slices of ``_SLICE`` pairs: no million-item list is ever built,
+    so the garbage collector (which any concurrent apply may trigger) never
+    has to scan one while holding the interpreter lock, and no single call
+    holds it for long. This runs alongside applies during a snapshot.
+    """
+    count = len(data)
+    klens = _u32([])
+    vlens = _u32([])
+    for keys in _slices(data.keys()):
+        klens.extend(map(len, keys))
+    for values in _slices(data.values()):
+        vlens.extend(map(len, values))
+    if count and (max(klens) > _MAX_LEN or max(vlens) > _MAX_LEN):
         raise ValueError("key or value longer than 4 GiB cannot be stored")
-    ttls = []
-    if expiry:
-        position = {k: i for i, k in enumerate(keys)} if len(expiry) > 64 else None
-        for key, at in expiry.items():
-            if key in data:
-                pos = position[key] if position is not None else keys.index(key)
-                ttls.append(_TTL.pack(pos, at))
-    out.write(_HEADER.pack(MAGIC, len(keys), sum(klens), sum(vlens), len(ttls)))
-    out.write(_u32(klens).tobytes())
-    out.write(_u32(vlens).tobytes())
-    out.write(b"".join(keys))
-    out.write(b"".join(values))
+    ttls = (
+        [_TTL.pack(pos, expiry[key]) for pos, key in enumerate(data) if expiry and key in expiry]
+        if expiry
+        else []
+    )
+    out.write(_HEADER.pack(MAGIC, count, sum(klens), sum(vlens), len(ttls)))
+    out.write(_le(klens))
+    out.write(_le(vlens))
+    for keys in _slices(data.keys()):
+        out.write(b"".join(keys))
+    for values in _slices(data.values()):
+        out.write(b"".join(values))
     out.write(b"".join(ttls))
+
+
+def _slices(items: Iterable[bytes]) -> Iterator[list[bytes]]:
+    it = iter(items)
+    while chunk := list(islice(it, _SLICE)):
+        yield chunk
+
+
+def _le(arr: array[int]) -> bytes:
+    if sys.byteorder == "big":  # pragma: no cover
+        arr = array(arr.typecode, arr)
+        arr.byteswap()
+    return arr.tobytes()
 
 
 def read(blob: bytes) -> tuple[dict[bytes, bytes], dict[bytes, float]]:
