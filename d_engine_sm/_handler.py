@@ -120,7 +120,8 @@ class StateMachineHandler:
             metrics=self._metrics,
             pause_applies=self._apply_lock,
             applied=self._applied_log_id,
-            install_applied=self._install_applied,
+            publish_applied=lambda lid: self._publish_applied(lid.index, lid.term),
+            notify_applied=self._notify_listeners,
             file_ops=file_ops,
         )
 
@@ -235,11 +236,6 @@ class StateMachineHandler:
                 listener(index)
             except Exception:
                 _log.exception("applied listener failed index=%d", index)
-
-    def _install_applied(self, log_id: LogId) -> None:
-        """After a snapshot install: jump to ``log_id`` and wake waiters."""
-        self._publish_applied(log_id.index, log_id.term)
-        self._notify_listeners(log_id.index)
 
     # -- apply -----------------------------------------------------------
     def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:

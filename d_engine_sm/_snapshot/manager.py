@@ -68,7 +68,8 @@ class SnapshotManager:
         metrics: Metrics,
         pause_applies: threading.Lock,
         applied: Callable[[], LogId],
-        install_applied: Callable[[LogId], None],
+        publish_applied: Callable[[LogId], None],
+        notify_applied: Callable[[int], None],
         file_ops: FileOps,
     ) -> None:
         self._sm = sm
@@ -78,7 +79,8 @@ class SnapshotManager:
         self._metrics = metrics
         self._pause = pause_applies
         self._applied = applied
-        self._install_applied = install_applied
+        self._publish_applied = publish_applied  # under the pause: jump + wake waiters
+        self._notify_applied = notify_applied  # after it: listeners (user code)
         self._fs = file_ops
         self._store = SnapshotStore(
             config.snapshots_dir,
@@ -476,17 +478,24 @@ class SnapshotManager:
                 fail(str(exc))
                 raise
             self._fs.announce("install:apply")
+            failure: SnapshotError | None = None
             with self._pause:
                 applied = self._applied()
                 if lid.index <= applied.index:
-                    fail("stale snapshot")
-                    raise StaleSnapshotError(lid.index, applied.index)
-                try:
-                    self._sm.apply_snapshot_from_file(meta, unpack_dir)
-                except Exception as exc:
-                    fail(f"install failed: {exc}")
-                    raise SnapshotError(f"apply_snapshot_from_file failed: {exc}") from exc
-                self._install_applied(LogId(index=lid.index, term=lid.term))
+                    failure = StaleSnapshotError(lid.index, applied.index)
+                else:
+                    try:
+                        self._sm.apply_snapshot_from_file(meta, unpack_dir)
+                    except Exception as exc:
+                        failure = SnapshotError(f"apply_snapshot_from_file failed: {exc}")
+                        failure.__cause__ = exc
+                    else:
+                        self._publish_applied(LogId(index=lid.index, term=lid.term))
+            # Acks and listeners are user code: called only after the pause ends.
+            if failure is not None:
+                fail(str(failure))
+                raise failure
+            self._notify_applied(lid.index)
             _report(progress, "install", 1, 1)
         finally:
             store.remove_quietly(unpack_dir)
