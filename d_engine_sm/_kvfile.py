@@ -1,127 +1,112 @@
-"""A compact, safe-to-parse file format for key/value snapshots (pure).
+"""The built-in key/value snapshot file: safe to parse, fast both ways (pure).
 
-Chosen over pickle/marshal because snapshot data arrives from the network:
-parsing must never execute code and must reject inconsistent input. Layout
-(little-endian)::
+Snapshot data arrives from the network, so parsing must never execute code
+(no pickle/marshal) and must reject inconsistent input. The pairs go in
+protobuf pages (``kv_snapshot.proto``): encoding and decoding run in C,
+and a page's ``repeated bytes`` becomes Python bytes with no per-item Python
+code. Layout::
 
-    header   <8s Q Q Q Q>  magic, pair count, keys blob size, values blob size, ttl count
-    klens    count x uint32
-    vlens    count x uint32
-    keys     concatenated key bytes
-    values   concatenated value bytes
-    ttls     ttl count x <Q d>  (pair position, wall-clock expiry)
+    magic  b"DESMKV02"
+    pages  repeated: <u64 little-endian length> <KvPage bytes>
 
-Lengths go in arrays and bytes in blobs so both directions run at C speed.
+Pages hold at most ``_PAGE_PAIRS`` pairs (and about ``_PAGE_BYTES`` bytes),
+so no million-item list is built while writing: the garbage collector, which
+a concurrent apply may trigger, never scans one while holding the
+interpreter lock.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
-import sys
-from array import array
-from collections.abc import Iterable, Iterator, Mapping
-from itertools import accumulate, islice, pairwise
-from typing import BinaryIO, Final
+from collections.abc import Iterator, Mapping
+from itertools import islice
+from typing import BinaryIO, Final, cast
 
-MAGIC: Final = b"DESMKV01"
-_HEADER: Final = struct.Struct("<8sQQQQ")
-_TTL: Final = struct.Struct("<Qd")
-_MAX_LEN: Final = 0xFFFF_FFFF
-_SLICE: Final = 16_384
+from google.protobuf.message import DecodeError
 
+from d_engine_sm.proto import kv_snapshot_pb2
 
-def _u32(values: list[int]) -> array[int]:
-    arr = array("I", values)
-    if arr.itemsize != 4:  # pragma: no cover - no mainstream platform
-        raise RuntimeError("array('I') is not 32-bit here")
-    return arr
+MAGIC: Final = b"DESMKV02"
+_LEN: Final = struct.Struct("<Q")
+_PAGE_PAIRS: Final = 16_384
+_PAGE_BYTES: Final = 32 << 20
+_MAX_PAGE: Final = (1 << 31) - 1  # protobuf's message size limit
 
 
 def write(out: BinaryIO, data: Mapping[bytes, bytes], expiry: Mapping[bytes, float]) -> None:
-    """Write ``data`` (and expiries of its keys) to ``out``.
+    """Write ``data`` (and the expiries of its keys) to ``out``.
 
-    Streams in slices of ``_SLICE`` pairs: no million-item list is ever built,
-    so the garbage collector (which any concurrent apply may trigger) never
-    has to scan one while holding the interpreter lock, and no single call
-    holds it for long. This runs alongside applies during a snapshot.
+    Raises:
+        ValueError: a single pair does not fit in one page (over 2 GiB).
     """
-    count = len(data)
-    klens = _u32([])
-    vlens = _u32([])
-    for keys in _slices(data.keys()):
-        klens.extend(map(len, keys))
-    for values in _slices(data.values()):
-        vlens.extend(map(len, values))
-    if count and (max(klens) > _MAX_LEN or max(vlens) > _MAX_LEN):
-        raise ValueError("key or value longer than 4 GiB cannot be stored")
-    ttls = (
-        [_TTL.pack(pos, expiry[key]) for pos, key in enumerate(data) if expiry and key in expiry]
-        if expiry
-        else []
-    )
-    out.write(_HEADER.pack(MAGIC, count, sum(klens), sum(vlens), len(ttls)))
-    out.write(_le(klens))
-    out.write(_le(vlens))
-    for keys in _slices(data.keys()):
-        out.write(b"".join(keys))
-    for values in _slices(data.values()):
-        out.write(b"".join(values))
-    out.write(b"".join(ttls))
+    out.write(MAGIC)
+    for page in _pages(data, expiry):
+        raw = page.SerializeToString()
+        out.write(_LEN.pack(len(raw)))
+        out.write(raw)
 
 
-def _slices(items: Iterable[bytes]) -> Iterator[list[bytes]]:
-    it = iter(items)
-    while chunk := list(islice(it, _SLICE)):
-        yield chunk
+def _pages(
+    data: Mapping[bytes, bytes], expiry: Mapping[bytes, float]
+) -> Iterator[kv_snapshot_pb2.KvPage]:
+    keys_it, values_it = iter(data.keys()), iter(data.values())  # same order
+    while keys := list(islice(keys_it, _PAGE_PAIRS)):
+        yield from _split_page(keys, list(islice(values_it, len(keys))), expiry)
 
 
-def _le(arr: array[int]) -> bytes:
-    if sys.byteorder == "big":  # pragma: no cover
-        arr = array(arr.typecode, arr)
-        arr.byteswap()
-    return arr.tobytes()
+def _split_page(
+    keys: list[bytes], values: list[bytes], expiry: Mapping[bytes, float]
+) -> Iterator[kv_snapshot_pb2.KvPage]:
+    size = sum(map(len, keys)) + sum(map(len, values))
+    if size > _PAGE_BYTES and len(keys) > 1:  # large pairs (rare): halve the page
+        mid = len(keys) // 2
+        yield from _split_page(keys[:mid], values[:mid], expiry)
+        yield from _split_page(keys[mid:], values[mid:], expiry)
+        return
+    if size > _MAX_PAGE:
+        raise ValueError("a key/value pair over 2 GiB cannot be stored")
+    page = kv_snapshot_pb2.KvPage(keys=keys, values=values)
+    if expiry:
+        for pos, key in enumerate(keys):
+            at = expiry.get(key)
+            if at is not None:
+                page.ttl_positions.append(pos)
+                page.ttl_expiry.append(at)
+    yield page
 
 
-def read(blob: bytes) -> tuple[dict[bytes, bytes], dict[bytes, float]]:
+def read(blob: bytes | memoryview | mmap.mmap) -> tuple[dict[bytes, bytes], dict[bytes, float]]:
     """Parse :func:`write`'s output. Raises ValueError on any inconsistency."""
-    if len(blob) < _HEADER.size:
-        raise ValueError("key/value snapshot truncated: no header")
-    magic, count, ksize, vsize, nttl = _HEADER.unpack_from(blob)
-    if magic != MAGIC:
+    view = memoryview(blob)
+    if bytes(view[: len(MAGIC)]) != MAGIC:
         raise ValueError("not a key/value snapshot (bad magic)")
-    expected = _HEADER.size + 8 * count + ksize + vsize + _TTL.size * nttl
-    if expected != len(blob):
-        raise ValueError(
-            f"key/value snapshot size mismatch: header says {expected}, file has {len(blob)}"
-        )
-    pos = _HEADER.size
-    klens = array("I")
-    klens.frombytes(blob[pos : pos + 4 * count])
-    pos += 4 * count
-    vlens = array("I")
-    vlens.frombytes(blob[pos : pos + 4 * count])
-    pos += 4 * count
-    if sys.byteorder == "big":  # pragma: no cover
-        klens.byteswap()
-        vlens.byteswap()
-    if sum(klens) != ksize or sum(vlens) != vsize:
-        raise ValueError("key/value snapshot lengths do not add up to the blob sizes")
-    keys = _split(blob, pos, klens)
-    pos += ksize
-    values = _split(blob, pos, vlens)
-    pos += vsize
-    data = dict(zip(keys, values, strict=True))
-    if len(data) != count:
-        raise ValueError("key/value snapshot has duplicate keys")
+    data: dict[bytes, bytes] = {}
     expiry: dict[bytes, float] = {}
-    for i in range(nttl):
-        index, at = _TTL.unpack_from(blob, pos + i * _TTL.size)
-        if index >= count:
-            raise ValueError(f"ttl entry points at pair {index} of {count}")
-        expiry[keys[index]] = at
+    pairs = 0
+    pos = len(MAGIC)
+    while pos < len(view):
+        if pos + _LEN.size > len(view):
+            raise ValueError("key/value snapshot truncated inside a page header")
+        (size,) = _LEN.unpack_from(view, pos)
+        pos += _LEN.size
+        if size > _MAX_PAGE or pos + size > len(view):
+            raise ValueError(f"key/value snapshot page of {size} bytes overruns the file")
+        page = kv_snapshot_pb2.KvPage()  # a fresh page parses faster than a cleared one
+        try:
+            page.ParseFromString(cast(bytes, view[pos : pos + size]))  # buffers parse too
+        except DecodeError as exc:
+            raise ValueError(f"key/value snapshot page does not decode: {exc}") from exc
+        pos += size
+        keys, values = page.keys, page.values
+        if len(keys) != len(values) or len(page.ttl_positions) != len(page.ttl_expiry):
+            raise ValueError("key/value snapshot page has unpaired entries")
+        data.update(zip(keys, values, strict=False))  # lengths checked above
+        pairs += len(keys)
+        for at_pos, at in zip(page.ttl_positions, page.ttl_expiry, strict=True):
+            if at_pos >= len(keys):
+                raise ValueError(f"ttl entry points at pair {at_pos} of a {len(keys)}-pair page")
+            expiry[keys[at_pos]] = at
+    if len(data) != pairs:
+        raise ValueError("key/value snapshot has duplicate keys")
     return data, expiry
-
-
-def _split(blob: bytes, start: int, lengths: array[int]) -> list[bytes]:
-    ends = list(accumulate(lengths, initial=start))
-    return [blob[a:b] for a, b in pairwise(ends)]

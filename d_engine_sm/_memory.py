@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+import mmap
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -171,7 +173,13 @@ class MemoryStateMachine(StateMachine):
             _kvfile.write(out, data, expiry)
 
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
-        data, expiry = _kvfile.read((dir / DATA_FILE).read_bytes())
+        with open(dir / DATA_FILE, "rb") as f:
+            # Parse straight from the page cache: no copy of the whole file.
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ValueError(f"empty key/value snapshot file {dir / DATA_FILE}")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                data, expiry = _kvfile.read(mapped)
         with self._write_lock:
             self._ops = _DictOps(data, expiry)
             lid = meta.last_included

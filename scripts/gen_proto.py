@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ("common.proto", "storage.proto", "client.proto")
+PROTOS = ("common.proto", "storage.proto", "client.proto", "kv_snapshot.proto")
 
 
 def generate(out: Path) -> None:
@@ -31,7 +31,7 @@ def generate(out: Path) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     # grpc stubs only for the file that declares a service
-    for name in ("common_pb2_grpc.py", "client_pb2_grpc.py"):
+    for name in ("common_pb2_grpc.py", "client_pb2_grpc.py", "kv_snapshot_pb2_grpc.py"):
         (out / "d_engine_sm" / "proto" / name).unlink(missing_ok=True)
 
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATED = [
     "common_pb2.py", "common_pb2.pyi", "storage_pb2.py", "storage_pb2.pyi",
     "storage_pb2_grpc.py", "client_pb2.py", "client_pb2.pyi",
+    "kv_snapshot_pb2.py", "kv_snapshot_pb2.pyi",
 ]  # fmt: skip
 
 
