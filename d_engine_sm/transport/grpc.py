@@ -396,7 +396,9 @@ def start_server(
     limit = max_message_bytes or message_limit(handler.config.chunk_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="d-engine-sm-grpc"),
-        options=_options(limit),
+        # SO_REUSEPORT (gRPC's default) would let a second server bind a busy
+        # port silently; a taken port must be an error.
+        options=[*_options(limit), ("grpc.so_reuseport", 0)],
     )
     servicer = SnapshotServicer(handler, current_term=current_term, window=window)
     storage_pb2_grpc.add_SnapshotServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
