@@ -302,12 +302,12 @@ class StateMachineHandler:
         """
         if self._closed:
             raise HandlerClosed("handler is closed")
-        get = self._sm.get
-        found = []
-        for key in keys:
-            value = get(key)
-            if value is not None:
-                found.append(client_pb2.ClientResult(key=key, value=value))
+        keys = keys if isinstance(keys, Sequence) else list(keys)
+        found = [
+            client_pb2.ClientResult(key=key, value=value)
+            for key, value in zip(keys, self._sm.get_many(keys), strict=True)
+            if value is not None
+        ]
         return found or None
 
     def watch(self, key: bytes | None = None, *, maxsize: int = DEFAULT_WATCH_QUEUE) -> Watcher:

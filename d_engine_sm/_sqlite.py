@@ -80,6 +80,7 @@ _UPSERT3: Final = _statements(
 )
 _DELETE: Final = _statements("DELETE FROM kv WHERE key IN (", "?", ", ", ")")
 _SELECT: Final = "SELECT value, expires_at FROM kv WHERE key = ?"
+_IN_BATCH: Final = 500  # keys per IN (...) lookup: under SQLite's variable limit
 _SET_APPLIED: Final = "UPDATE meta SET applied_index = ?, applied_term = ? WHERE id = 0"
 
 
@@ -358,6 +359,20 @@ class SqliteStateMachine(StateMachine):
             return None
         value, at = row
         return value if at is None or at > self._clock() else None
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Live values of ``keys`` (None where absent), one query per ``_IN_BATCH`` keys."""
+        db = self._reader()
+        now = self._clock()
+        found: dict[bytes, bytes] = {}
+        for start in range(0, len(keys), _IN_BATCH):
+            part = list(keys[start : start + _IN_BATCH])
+            marks = ",".join("?" * len(part))
+            query = f"SELECT key, value, expires_at FROM kv WHERE key IN ({marks})"
+            for key, value, at in db.execute(query, part):
+                if at is None or at > now:
+                    found[key] = value
+        return [found.get(key) for key in keys]
 
     def __len__(self) -> int:
         """Number of stored keys, expired-but-not-cleaned ones included (O(n))."""

@@ -41,6 +41,11 @@ class StateMachine(abc.ABC):
     def get(self, key: bytes) -> bytes | None:
         """The live value of ``key`` (expired TTL keys read as absent)."""
 
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """``[get(k) for k in keys]``; override when a batch lookup is cheaper."""
+        get = self.get
+        return [get(key) for key in keys]
+
     @abc.abstractmethod
     def entry_term(self, index: int) -> int | None:
         """Term of the applied entry at ``index`` if still known, else None."""

@@ -250,6 +250,16 @@ class StateMachineConformance:
         finally:
             dispose(sm)
 
+    def test_get_many_matches_get(self, tmp_path: Path) -> None:
+        sm = self._open(tmp_path / "sm")
+        try:
+            sm.apply_chunk([ins(i, b"k%d" % i, b"v%d" % i) for i in range(1, 1201)])
+            keys = [b"k%d" % i for i in range(0, 1300, 3)] + [b"k5", b"k5", b""]
+            assert sm.get_many(keys) == [sm.get(k) for k in keys]
+            assert sm.get_many([]) == []
+        finally:
+            dispose(sm)
+
     def test_chunk_applies_in_order(self, tmp_path: Path) -> None:
         sm = self._open(tmp_path / "sm")
         try:
