@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 from _common import report, summary
 
@@ -44,7 +45,7 @@ def floor_run(batches: list[list[common_pb2.Entry]]) -> float:
 def handler_run(batches: list[list[common_pb2.Entry]], snapdir: str) -> float:
     import time
 
-    handler = StateMachineHandler(MemoryStateMachine(), SnapshotConfig(snapshots_dir=snapdir))
+    handler = StateMachineHandler(MemoryStateMachine(), SnapshotConfig(snapshots_dir=Path(snapdir)))
     t0 = time.perf_counter()
     for batch in batches:
         handler.apply_chunk(batch)

@@ -12,6 +12,8 @@ import argparse
 import tempfile
 import threading
 import time
+from functools import partial
+from pathlib import Path
 
 from _common import percentile, report
 
@@ -20,15 +22,18 @@ from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler,
 
 def bare_round_trips(rounds: int) -> list[float]:
     cond = threading.Condition()
-    state = {"value": 0, "woke_at": 0.0}
+    state: dict[str, float] = {"value": 0, "woke_at": 0.0}
     ready = threading.Event()
     out: list[float] = []
+
+    def reached(target: float) -> bool:
+        return state["value"] >= target
 
     def waiter() -> None:
         for target in range(1, rounds + 1):
             with cond:
                 ready.set()
-                cond.wait_for(lambda t=target: state["value"] >= t)
+                cond.wait_for(partial(reached, float(target)))
                 state["woke_at"] = time.perf_counter()
             done.set()
 
@@ -51,7 +56,7 @@ def bare_round_trips(rounds: int) -> list[float]:
 
 
 def handler_round_trips(rounds: int, snapdir: str) -> list[float]:
-    handler = StateMachineHandler(MemoryStateMachine(), SnapshotConfig(snapshots_dir=snapdir))
+    handler = StateMachineHandler(MemoryStateMachine(), SnapshotConfig(snapshots_dir=Path(snapdir)))
     entries = [_kv.command_entry(i, 1, _kv.insert(b"k", b"v")) for i in range(1, rounds + 1)]
     ready = threading.Event()
     done = threading.Event()

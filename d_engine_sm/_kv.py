@@ -107,9 +107,7 @@ class KvOps:
         return None
 
 
-def apply_entries(
-    entries: Sequence[common_pb2.Entry], ops: KvOps, now: float
-) -> list[ApplyResult]:
+def apply_entries(entries: Sequence[common_pb2.Entry], ops: KvOps, now: float) -> list[ApplyResult]:
     """Execute a batch of entries against ``ops``; one result per entry.
 
     Noop, config and empty payloads count as applied (succeeded). A command

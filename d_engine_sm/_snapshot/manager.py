@@ -150,12 +150,17 @@ class SnapshotManager:
     # -- create ----------------------------------------------------------------
     def create(self, *, progress: ProgressFn | None = None) -> tuple[SnapshotMetadata, Path]:
         started = time.perf_counter()
-        with self._exclusive():
-            try:
+        try:
+            with self._exclusive():
                 meta, path = self._create_locked(progress)
-            except BaseException:
-                self._metrics.incr("snapshot_create_errors")
-                raise
+        except SnapshotInProgress:
+            raise
+        except OSError as exc:  # any disk step not translated nearer to it
+            self._metrics.incr("snapshot_create_errors")
+            raise self._disk_error(exc, 0, "creating snapshot") from exc
+        except BaseException:
+            self._metrics.incr("snapshot_create_errors")
+            raise
         self._metrics.incr("snapshot_creates")
         self._metrics.observe("snapshot_create_seconds", time.perf_counter() - started)
         return meta, path
@@ -168,7 +173,11 @@ class SnapshotManager:
             self._fs.mkdir(work_dir)
             last_included = self._capture(work_dir)
             if isinstance(last_included, ArchiveInfo):  # already snapshotted at this LogId
-                return self._existing(last_included), last_included.path
+                existing = self._existing(last_included)
+                # Record it too: a create that failed after its rename (say, the
+                # directory fsync) published this archive without recording it.
+                self._record(existing)
+                return existing, last_included.path
             _report(progress, "generate", 1, 1)
             meta, final = self._pack_and_publish(work_dir, last_included, progress)
         finally:
@@ -240,6 +249,12 @@ class SnapshotManager:
             try:
                 final = store.publish(temp, last_included.index, last_included.term)
             except BaseException:
+                if not temp.exists():
+                    # Renamed, then the directory fsync failed: un-publish, so a
+                    # failed create changes nothing (the archive was never recorded).
+                    store.remove_quietly(
+                        store.archive_path(last_included.index, last_included.term)
+                    )
                 store.remove_quietly(temp)
                 raise
         except OSError as exc:
@@ -247,8 +262,8 @@ class SnapshotManager:
         return _metadata(last_included.index, last_included.term, digest), final
 
     def _record(self, meta: SnapshotMetadata) -> None:
-        self._fs.announce("record")
         try:
+            self._fs.announce("record")
             self._sm.update_last_snapshot_metadata(meta)
             self._sm.persist_last_snapshot_metadata(meta)
         except Exception as exc:
@@ -282,8 +297,11 @@ class SnapshotManager:
             )
         if not store.directory.is_dir():
             return []
-        with store.writer_lock():
-            return store.prune(retain_count)
+        try:
+            with store.writer_lock():
+                return store.prune(retain_count)
+        except OSError as exc:
+            raise SnapshotError(f"cleanup failed in {store.directory}: {exc}") from exc
 
     # -- send ------------------------------------------------------------------
     def _find(self, metadata: SnapshotMetadata) -> ArchiveInfo:
@@ -477,8 +495,12 @@ class SnapshotManager:
             except DEngineError as exc:
                 fail(str(exc))
                 raise
-            self._fs.announce("install:apply")
             failure: SnapshotError | None = None
+            try:
+                self._fs.announce("install:apply")
+            except OSError as exc:
+                fail(str(exc))
+                raise self._disk_error(exc, 0, "installing snapshot") from exc
             with self._pause:
                 applied = self._applied()
                 if lid.index <= applied.index:
@@ -499,8 +521,8 @@ class SnapshotManager:
             _report(progress, "install", 1, 1)
         finally:
             store.remove_quietly(unpack_dir)
-        self._fs.announce("install:publish")
         try:
+            self._fs.announce("install:publish")
             final = store.publish(temp, lid.index, lid.term)
         except OSError as exc:
             # Installed but not kept: the state is right; only serving it onward waits

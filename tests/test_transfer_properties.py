@@ -1,0 +1,329 @@
+"""Property: a mutated chunk stream installs exactly the leader's state, or nothing.
+
+Hypothesis composes random mutations of a real leader's chunk stream (drop,
+duplicate, reorder, truncate the stream or one chunk's data, flip bits in
+data with or without fixing the chunk CRC, change leader term or id mid-
+stream, extra chunks, a corrupted chunk followed by its resend, altered or
+missing metadata and checksum, bad ``total_chunks``) and feeds the result to
+``apply_snapshot_stream_from_leader``, as a list or as a plain iterator.
+The follower must then either
+
+* install exactly the leader's state: items, ``last_applied``, latest
+  metadata naming the leader's LogId and the kept archive's SHA-256 (the
+  leader's very bytes unless the checksum itself was mutated), or
+* raise a ``d_engine_sm`` error, send a final non-ACCEPTED ack and stay
+  exactly unchanged: items, ``last_applied``, latest metadata, every file
+  in its snapshot directory (names and bytes), no ``temp-`` leftover.
+
+Never anything else. Hand-picked cases live in test_snapshot_transfer.py;
+this module searches the combinations. Profile: tests/_hypothesis_profiles.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _hypothesis_profiles import LONG, PROFILE
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from d_engine_sm import _kv
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._handler import StateMachineHandler
+from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._snapshot import chunks as wire
+from d_engine_sm.errors import DEngineError
+from d_engine_sm.proto import common_pb2, storage_pb2
+
+Chunk = storage_pb2.SnapshotChunk
+Meta = storage_pb2.SnapshotMetadata
+Ack = storage_pb2.SnapshotAck
+Mutation = tuple[Any, ...]
+
+
+def cfg(directory: Path) -> SnapshotConfig:
+    return SnapshotConfig(
+        snapshots_dir=directory,
+        chunk_size=512,
+        cleanup_retain_count=2,
+        fsync=False,
+        chunk_timeout=10.0,
+    )
+
+
+def puts(first: int, count: int, term: int, tag: bytes) -> list[common_pb2.Entry]:
+    # Incompressible values: the archive spans several chunks.
+    return [
+        _kv.command_entry(i, term, _kv.insert(b"k%d" % i, tag + hashlib.sha256(b"%d" % i).digest()))
+        for i in range(first, first + count)
+    ]
+
+
+@dataclass
+class Leader:
+    handler: StateMachineHandler
+    items: dict[bytes, bytes]
+    meta: Meta
+    chunks: list[Chunk]
+    blob: bytes
+
+
+@pytest.fixture(scope="module")
+def leader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Leader]:
+    sm = MemoryStateMachine()
+    with StateMachineHandler(sm, cfg(tmp_path_factory.mktemp("leader")), node_id=7) as h:
+        h.apply_chunk(puts(1, 60, 1, b"v"))
+        h.apply_chunk(puts(61, 40, 3, b"w"))
+        meta, path = h.create_snapshot()
+        sent = list(h.load_snapshot_data(meta))
+        assert len(sent) >= 5
+        yield Leader(h, sm.items(), meta, sent, path.read_bytes())
+
+
+# -- mutations -------------------------------------------------------------------------------
+_IDX = st.integers(0, 63)
+MUTATIONS = st.one_of(
+    st.tuples(st.just("drop"), _IDX),
+    st.tuples(st.just("duplicate"), _IDX, _IDX),
+    st.tuples(st.just("swap"), _IDX, _IDX),
+    st.tuples(st.just("truncate_stream"), _IDX),
+    st.tuples(st.just("truncate_data"), _IDX, st.integers(0, 2000), st.booleans()),
+    st.tuples(st.just("flip"), _IDX, st.integers(0, 2**20), st.integers(0, 7), st.booleans()),
+    st.tuples(st.just("term"), _IDX, st.integers(-2, 2)),
+    st.tuples(st.just("leader_id"), _IDX, st.integers(0, 9)),
+    st.tuples(st.just("extra"), st.binary(max_size=64), st.integers(0, 3)),
+    st.tuples(st.just("corrupt_then_resend"), _IDX),
+    st.tuples(st.just("checksum"), st.sampled_from(["flip", "empty", "short", "random"])),
+    st.tuples(st.just("no_metadata"), _IDX),
+    st.tuples(st.just("total"), _IDX, st.integers(0, 20)),
+    st.tuples(st.just("seq"), _IDX, st.integers(0, 20)),
+)
+
+
+def _copy(c: Chunk) -> Chunk:
+    out = Chunk()
+    out.CopyFrom(c)
+    return out
+
+
+def mutate(chunks: list[Chunk], mutation: Mutation) -> list[Chunk]:
+    """One mutation of the stream; chunks are copied before they are changed."""
+    out = list(chunks)
+    kind, *args = mutation
+    n = len(out)
+    if kind == "extra":  # extra chunks past the end, with valid CRCs
+        data, count = args
+        total = out[0].total_chunks if out else 1
+        template = out[-1] if out else Chunk()
+        for k in range(count):
+            extra = _copy(template)
+            extra.ClearField("metadata")
+            extra.seq = total + k
+            extra.data = data
+            extra.chunk_checksum = wire.checksum(data)
+            out.append(extra)
+        return out
+    if kind == "checksum":
+        how = args[0]
+        for i, original in enumerate(out):
+            if original.HasField("metadata"):
+                c = out[i] = _copy(original)
+                old = c.metadata.checksum
+                if how == "flip" and old:
+                    c.metadata.checksum = bytes([old[0] ^ 1]) + old[1:]
+                elif how == "empty":
+                    c.metadata.checksum = b""
+                elif how == "short":
+                    c.metadata.checksum = old[:16]
+                else:
+                    c.metadata.checksum = hashlib.sha256(b"another archive").digest()
+        return out
+    if n == 0:
+        return out
+    i = args[0] % n
+    if kind == "drop":
+        del out[i]
+    elif kind == "duplicate":
+        out.insert(args[1] % (n + 1), _copy(out[i]))
+    elif kind == "swap":
+        j = args[1] % n
+        out[i], out[j] = out[j], out[i]
+    elif kind == "truncate_stream":
+        del out[i:]
+    elif kind == "truncate_data":
+        c = out[i] = _copy(out[i])
+        c.data = c.data[: args[1]]
+        if args[2]:
+            c.chunk_checksum = wire.checksum(c.data)
+    elif kind == "flip":
+        c = out[i] = _copy(out[i])
+        if c.data:
+            data = bytearray(c.data)
+            data[args[1] % len(data)] ^= 1 << args[2]
+            c.data = bytes(data)
+            if args[3]:
+                c.chunk_checksum = wire.checksum(c.data)
+    elif kind == "term":
+        c = out[i] = _copy(out[i])
+        c.leader_term = max(0, c.leader_term + args[1])
+    elif kind == "leader_id":
+        c = out[i] = _copy(out[i])
+        c.leader_id = args[1]
+    elif kind == "corrupt_then_resend":
+        bad = _copy(out[i])
+        bad.chunk_checksum = bytes(b ^ 0xFF for b in bad.chunk_checksum) or b"\0\0\0\0"
+        out.insert(i, bad)
+    elif kind == "no_metadata":
+        c = out[i] = _copy(out[i])
+        c.ClearField("metadata")
+    elif kind == "total":
+        c = out[i] = _copy(out[i])
+        c.total_chunks = args[1]
+    elif kind == "seq":
+        c = out[i] = _copy(out[i])
+        c.seq = args[1]
+    return out
+
+
+# -- the follower and what "unchanged" means ---------------------------------------------------
+class Follower:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sm = MemoryStateMachine()
+        self.handler = StateMachineHandler(self.sm, cfg(root), node_id=2)
+        # Its own history and an older snapshot, to lose if anything goes wrong.
+        self.handler.apply_chunk(puts(1, 5, 1, b"old"))
+        self.handler.create_snapshot()
+
+    def view(self) -> tuple[object, ...]:
+        latest = self.handler.get_latest_snapshot_metadata()
+        files = sorted(
+            (p.name, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in self.root.iterdir()
+            if p.name != ".lock"
+        )
+        return (
+            self.sm.items(),
+            self.handler.last_applied(),
+            None if latest is None else latest.SerializeToString(),
+            files,
+        )
+
+    def temps(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.name.startswith("temp-"))
+
+
+@pytest.fixture
+def followers(tmp_path: Path) -> Iterator[Callable[[], Follower]]:
+    made: list[Follower] = []
+    counter = itertools.count()
+
+    def make() -> Follower:
+        f = Follower(tmp_path / f"f{next(counter)}")
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.handler.close()
+
+
+def checksum_untouched(stream: list[Chunk], original: Meta) -> bool:
+    return all(c.metadata.checksum == original.checksum for c in stream if c.HasField("metadata"))
+
+
+def check_outcome(
+    leader: Leader, follower: Follower, stream: list[Chunk], as_iterator: bool
+) -> str:
+    before = follower.view()
+    acks: list[Ack] = []
+    source = iter(stream) if as_iterator else stream
+    try:
+        got = follower.handler.apply_snapshot_stream_from_leader(1, source, acks.append)
+    except DEngineError:
+        assert follower.view() == before
+        assert follower.temps() == []
+        assert not follower.handler.snapshot_in_progress()
+        assert acks and acks[-1].status != Ack.ACCEPTED, [(a.seq, a.status) for a in acks]
+        return "refused"
+    lid = leader.meta.last_included
+    assert follower.sm.items() == leader.items
+    assert follower.handler.last_applied() == lid.index
+    latest = follower.handler.get_latest_snapshot_metadata()
+    assert latest is not None and got.last_included == lid and latest.last_included == lid
+    kept = (follower.root / f"snapshot-{lid.index}-{lid.term}.tar.gz").read_bytes()
+    assert hashlib.sha256(kept).digest() == latest.checksum
+    if checksum_untouched(stream, leader.meta):
+        assert latest == leader.meta and kept == leader.blob
+    assert follower.temps() == []
+    return "installed"
+
+
+SETTINGS = settings(PROFILE, max_examples=2000 if LONG else 300)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@SETTINGS
+@given(mutations=st.lists(MUTATIONS, min_size=1, max_size=4), as_iterator=st.booleans())
+def test_mutated_stream_installs_exactly_or_nothing(
+    leader: Leader,
+    followers: Callable[[], Follower],
+    mutations: list[Mutation],
+    as_iterator: bool,
+) -> None:
+    stream = leader.chunks
+    for m in mutations:
+        stream = mutate(stream, m)
+    event(check_outcome(leader, followers(), stream, as_iterator))
+
+
+def test_unmutated_and_benign_streams_install(
+    leader: Leader, followers: Callable[[], Follower]
+) -> None:
+    """The property's success side is reachable: clean, duplicated and resent streams."""
+    benign: list[list[Mutation]] = [
+        [],
+        [("duplicate", 2, 3)],
+        [("corrupt_then_resend", 3)],
+        [("corrupt_then_resend", 0), ("duplicate", 0, 2)],
+        [("checksum", "empty")],
+    ]
+    for mutations in benign:
+        stream = leader.chunks
+        for m in mutations:
+            stream = mutate(stream, m)
+        for as_iterator in (False, True):
+            assert check_outcome(leader, followers(), stream, as_iterator) == "installed"
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("drop", 1),
+        ("swap", 1, 2),
+        ("truncate_stream", 3),
+        ("truncate_data", 2, 10, True),
+        ("flip", 2, 77, 3, True),
+        ("term", 2, 1),
+        ("leader_id", 3, 9),
+        ("extra", b"more", 1),
+        ("checksum", "flip"),
+        ("checksum", "random"),
+        ("no_metadata", 0),
+        ("total", 1, 2),
+        ("seq", 2, 7),
+    ],
+    ids=lambda m: "-".join(str(x) for x in m[:2]),
+)
+def test_each_harmful_mutation_is_refused(
+    leader: Leader, followers: Callable[[], Follower], mutation: Mutation
+) -> None:
+    """And the refusal side: every mutation kind alone is caught."""
+    assert check_outcome(leader, followers(), mutate(leader.chunks, mutation), False) == "refused"
