@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -471,10 +470,6 @@ class StateMachineHandler:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def paused_applies(self) -> AbstractContextManager[bool]:
-        """Hold the apply lock (applies wait) — for tests and maintenance."""
-        return self._apply_lock
 
 
 def _check_contiguous(entries: Sequence[common_pb2.Entry], expected: int) -> None:

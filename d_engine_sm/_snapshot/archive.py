@@ -111,7 +111,8 @@ class _HashingWriter(io.RawIOBase):
         return n
 
     def flush(self) -> None:
-        self._out.flush()
+        if not self._out.closed:  # also called by the finalizer, maybe after ``out`` closed
+            self._out.flush()
 
 
 class _HashingReader(io.RawIOBase):
@@ -254,6 +255,9 @@ def pack(
     except BaseException:
         with contextlib.suppress(Exception):
             gz.close()
+        # A close that failed (disk full) leaves the gzip object open; detach
+        # it so its finalizer does not retry the write on a dead stream.
+        cast(Any, gz).fileobj = None
         raise
     if progress is not None and total == 0:
         progress("pack", 0, 0)
