@@ -50,7 +50,7 @@ AckFn = Callable[[storage_pb2.SnapshotAck], None]
 ProgressFn = Callable[[str, int, int], None]
 SnapshotMetadata = storage_pb2.SnapshotMetadata
 
-_PREFETCH: Final = 2  # chunks pulled ahead of the writer (bounds receive memory)
+_PREFETCH: Final = 4  # chunks pulled ahead of the writer (bounds receive memory)
 _SPACE_MARGIN: Final = 64 * 1024  # gzip/tar overhead over the raw bytes, worst case
 _PAGE: Final = mmap.PAGESIZE
 
