@@ -99,20 +99,28 @@ class _HashingWriter(io.RawIOBase):
         self._out = out
         self.sha = hashlib.sha256()
         self.count = 0
+        self.abandoned = False
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:
+        n = memoryview(b).nbytes
+        if self.abandoned:
+            return n
         self.sha.update(b)
         self._out.write(b)
-        n = memoryview(b).nbytes
         self.count += n
         return n
 
     def flush(self) -> None:
-        if not self._out.closed:  # also called by the finalizer, maybe after ``out`` closed
+        if not self.abandoned and not self._out.closed:
             self._out.flush()
+
+    def abandon(self) -> None:
+        """After a failure: swallow what a half-built gzip writer's finalizer
+        still tries to write (its close would otherwise fail again, unraisably)."""
+        self.abandoned = True
 
 
 class _HashingReader(io.RawIOBase):
@@ -237,8 +245,9 @@ def pack(
             progress("pack", done, total)
 
     hashing = _HashingWriter(out)
-    gz = gzip_writer(cast(BinaryIO, hashing), level, use_isal=use_isal)
+    gz: BinaryIO | None = None
     try:
+        gz = gzip_writer(cast(BinaryIO, hashing), level, use_isal=use_isal)  # writes the header
         # On an exception the with-block closes without writing the end marker.
         with tarfile.TarFile(
             fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BUF
@@ -253,11 +262,10 @@ def pack(
                     tar.addfile(info, cast(IO[bytes], reader))
         gz.close()  # gzip trailer; ``out`` stays open
     except BaseException:
-        with contextlib.suppress(Exception):
-            gz.close()
-        # A close that failed (disk full) leaves the gzip object open; detach
-        # it so its finalizer does not retry the write on a dead stream.
-        cast(Any, gz).fileobj = None
+        hashing.abandon()
+        if gz is not None:
+            with contextlib.suppress(Exception):
+                gz.close()
         raise
     if progress is not None and total == 0:
         progress("pack", 0, 0)
