@@ -31,10 +31,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 from d_engine_sm import _kv
+from d_engine_sm._closing import Closing
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
 from d_engine_sm._metrics import new_handler_metrics
@@ -52,7 +52,7 @@ AppliedListener = Callable[[int], None]
 DEFAULT_WATCH_QUEUE: Final = 1024
 
 
-class StateMachineHandler:
+class StateMachineHandler(Closing):
     """The state-machine side of a Raft node (d-engine's ``StateMachineHandler``).
 
     Every method is a plain blocking call, safe to call from many threads.
@@ -459,17 +459,6 @@ class StateMachineHandler:
                 _log.exception("close listener failed")
         self._watch.close_all()
         self._snapshots.close()
-
-    def __enter__(self) -> StateMachineHandler:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _check_contiguous(entries: Sequence[common_pb2.Entry], expected: int) -> None:

@@ -7,13 +7,14 @@ inputs, so every replica decides the same.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from google.protobuf.message import DecodeError
 
-from d_engine_sm._values import ApplyResult
-from d_engine_sm.proto import client_pb2, common_pb2
+from d_engine_sm._values import ApplyResult, LogId
+from d_engine_sm.proto import client_pb2, common_pb2, storage_pb2
 
 WriteCommand = client_pb2.WriteCommand
 WatchResponse = client_pb2.WatchResponse
@@ -88,6 +89,38 @@ def watch_events(
         else:
             cas = cmd.compare_and_swap
             yield WatchResponse(key=cas.key, value=cas.new_value, event_type=PUT)
+
+
+TERM_HISTORY: Final = 64  # term changes remembered for entry_term()
+TermStarts = list[tuple[int, int]]  # (first index, term), ascending
+
+
+def next_term_starts(starts: TermStarts, entries: Sequence[common_pb2.Entry]) -> TermStarts | None:
+    """The term history after applying ``entries``, or None when unchanged."""
+    current = starts[-1][1] if starts else None
+    if entries[0].term == current and entries[-1].term == current:
+        return None
+    new = list(starts)
+    for entry in entries:
+        if entry.term != current:
+            new.append((entry.index, entry.term))
+            current = entry.term
+    return new[-TERM_HISTORY:] if new != starts else None
+
+
+def term_at(
+    index: int,
+    starts: TermStarts,
+    last_applied: LogId,
+    snapshot: storage_pb2.SnapshotMetadata | None,
+) -> int | None:
+    """``entry_term`` for the built-in machines: known for applied entries only."""
+    if index <= 0 or index > last_applied.index:
+        return None
+    if snapshot is not None and index == snapshot.last_included.index:
+        return int(snapshot.last_included.term)
+    pos = bisect.bisect_right(starts, (index, float("inf"))) - 1
+    return starts[pos][1] if pos >= 0 else None
 
 
 class KvOps:

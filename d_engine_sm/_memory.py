@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import mmap
 import os
 import threading
@@ -17,7 +16,6 @@ from d_engine_sm._values import ApplyResult, LogId
 from d_engine_sm.proto import common_pb2, storage_pb2
 
 DATA_FILE: Final = "kv.bin"
-_TERM_HISTORY: Final = 64  # term changes remembered for entry_term()
 
 
 class _DictOps(_kv.KvOps):
@@ -98,15 +96,7 @@ class MemoryStateMachine(StateMachine):
         return {k: v for k, v in list(ops.data.items()) if ops.get_live(k, now) is not None}
 
     def entry_term(self, index: int) -> int | None:
-        last = self._last_applied
-        if index <= 0 or index > last.index:
-            return None
-        meta = self._snapshot_meta
-        if meta is not None and index == meta.last_included.index:
-            return meta.last_included.term
-        starts = self._term_starts
-        pos = bisect.bisect_right(starts, (index, float("inf"))) - 1
-        return starts[pos][1] if pos >= 0 else None
+        return _kv.term_at(index, self._term_starts, self._last_applied, self._snapshot_meta)
 
     # -- write path ------------------------------------------------------
     def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
@@ -114,21 +104,12 @@ class MemoryStateMachine(StateMachine):
             return []
         with self._write_lock:
             results = _kv.apply_entries(entries, self._ops, self._clock())
-            self._note_terms(entries)
+            starts = _kv.next_term_starts(self._term_starts, entries)
+            if starts is not None:
+                self._term_starts = starts
             last = entries[-1]
             self._last_applied = LogId(term=last.term, index=last.index)
         return results
-
-    def _note_terms(self, entries: Sequence[common_pb2.Entry]) -> None:
-        starts = self._term_starts
-        current = starts[-1][1] if starts else None
-        if entries[0].term == current and entries[-1].term == current:
-            return
-        for entry in entries:
-            if entry.term != current:
-                starts.append((entry.index, entry.term))
-                current = entry.term
-        del starts[:-_TERM_HISTORY]
 
     def last_applied(self) -> LogId:
         return LogId(term=self._last_applied.term, index=self._last_applied.index)

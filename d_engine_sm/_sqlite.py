@@ -31,10 +31,10 @@ import weakref
 from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 from d_engine_sm import _kv
+from d_engine_sm._closing import Closing
 from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, LogId
@@ -46,7 +46,6 @@ _log = logging.getLogger("d_engine_sm.sqlite")
 SNAPSHOT_FILE: Final = "state.sqlite3"
 APPLICATION_ID: Final = 0x4445534D  # "DESM": marks files written by this class
 SCHEMA_VERSION: Final = 1
-_TERM_HISTORY: Final = 64  # term changes remembered for entry_term(), as in memory
 _BUSY_TIMEOUT: Final = 30.0
 _SYNC: Final = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 _KV_COLUMNS: Final = [("key", "BLOB"), ("value", "BLOB"), ("expires_at", "REAL")]
@@ -156,7 +155,7 @@ def _execute_rows(
         done += size
 
 
-class SqliteStateMachine(StateMachine):
+class SqliteStateMachine(Closing, StateMachine):
     """A durable key/value state machine in one SQLite database (WAL mode).
 
     Executes ``WriteCommand`` payloads exactly like :class:`MemoryStateMachine`
@@ -341,17 +340,6 @@ class SqliteStateMachine(StateMachine):
             self._db.close()
         _log.info("closed path=%s", self._path)
 
-    def __enter__(self) -> SqliteStateMachine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     # -- reads -----------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
         row = self._reader().execute(_SELECT, (key,)).fetchone()
@@ -387,18 +375,7 @@ class SqliteStateMachine(StateMachine):
         return dict(rows.fetchall())
 
     def entry_term(self, index: int) -> int | None:
-        last = self._last_applied
-        if index <= 0 or index > last.index:
-            return None
-        meta = self._snapshot_meta
-        if meta is not None and index == meta.last_included.index:
-            return int(meta.last_included.term)
-        term = None
-        for first, t in self._term_starts:  # short list, ascending
-            if first > index:
-                break
-            term = t
-        return term
+        return _kv.term_at(index, self._term_starts, self._last_applied, self._snapshot_meta)
 
     # -- write path ------------------------------------------------------
     def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
@@ -408,7 +385,7 @@ class SqliteStateMachine(StateMachine):
             db = self._writer()
             ops = _OverlayOps(db)
             last = entries[-1]
-            starts = self._next_terms(entries)
+            starts = _kv.next_term_starts(self._term_starts, entries)
             db.execute("BEGIN IMMEDIATE")
             try:
                 results = _kv.apply_entries(entries, ops, self._clock())
@@ -426,21 +403,6 @@ class SqliteStateMachine(StateMachine):
             self._last_applied = LogId(term=last.term, index=last.index)
         _log.debug("applied path=%s first=%d last=%d", self._path, entries[0].index, last.index)
         return results
-
-    def _next_terms(self, entries: Sequence[common_pb2.Entry]) -> list[tuple[int, int]] | None:
-        """The term history after ``entries``, or None when unchanged."""
-        starts = self._term_starts
-        current = starts[-1][1] if starts else None
-        if entries[0].term == current and entries[-1].term == current:
-            return None
-        new = list(starts)
-        for entry in entries:
-            if entry.term != current:
-                new.append((entry.index, entry.term))
-                current = entry.term
-        if new == starts:
-            return None
-        return new[-_TERM_HISTORY:]
 
     @staticmethod
     def _write_terms(db: sqlite3.Connection, starts: list[tuple[int, int]]) -> None:

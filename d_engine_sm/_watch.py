@@ -11,14 +11,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from types import TracebackType
 
+from d_engine_sm._closing import Closing
 from d_engine_sm.proto import client_pb2
 
 WatchResponse = client_pb2.WatchResponse
 
 
-class Watcher:
+class Watcher(Closing):
     """An iterator of ``WatchResponse`` for one key (or all keys).
 
     Thread-safe; meant for one consumer thread. Iteration blocks until an
@@ -92,17 +92,6 @@ class Watcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-
-    def __enter__(self) -> Watcher:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class WatchHub:

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
+from d_engine_sm._closing import Closing
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._fs import FileOps
 from d_engine_sm._metrics import Metrics
@@ -683,7 +683,7 @@ class _Pump:
             self._cond.notify_all()
 
 
-class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
+class _ChunkStream(Closing, Iterator[storage_pb2.SnapshotChunk]):
     """The chunks of one archive; holds the reader's shared lock until closed."""
 
     def __init__(
@@ -765,17 +765,6 @@ class _ChunkStream(Iterator[storage_pb2.SnapshotChunk]):
     def close(self) -> None:
         """Release the archive early (an abandoned transfer)."""
         self._finish(completed=False)
-
-    def __enter__(self) -> _ChunkStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
