@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from _seams import CREATE_STEPS, INSTALL_STEPS, FullDiskFile
 
 from d_engine_sm import _kv
 from d_engine_sm._config import SnapshotConfig
@@ -122,24 +123,6 @@ class Injected(OSError):
     """The injected fault (an OSError, so the code under test treats it as one)."""
 
 
-class _FullDisk:
-    """A file that takes ``budget`` bytes and then fails like a full disk."""
-
-    def __init__(self, inner: BinaryIO, budget: int) -> None:
-        self._inner = inner
-        self._budget = budget
-
-    def write(self, b: Any) -> int:
-        n = memoryview(b).nbytes
-        if n > self._budget:
-            raise Injected(errno.ENOSPC, "No space left on device (injected midway)")
-        self._budget -= n
-        return self._inner.write(b)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 class FaultOps(FileOps):
     """Fails the ``nth`` call of ``method`` once (counting only while armed).
 
@@ -183,7 +166,7 @@ class FaultOps(FileOps):
         f = super().open_write(path)
         if self.armed and self.full_after is not None and not self.fired:
             self.fired = True
-            return _FullDisk(f, self.full_after)  # type: ignore[return-value]
+            return FullDiskFile(f, self.full_after, Injected)  # type: ignore[return-value]
         return f
 
     def fsync(self, f: BinaryIO) -> None:
@@ -515,30 +498,9 @@ def test_too_little_free_space_refuses_install_before_writing(
 # announce() is the crash tests' hook; raising from it models "the step it
 # announces failed". Steps whose failure is tolerated, or leaks, as above.
 STEPS: dict[str, tuple[str, ...]] = {
-    "create": (
-        "create:work_dir",
-        "create:generate",
-        "create:pack",
-        "create:fsync",
-        "publish:rename",
-        "publish:fsync_dir",
-        "record",
-        "prune:remove",
-        "prune:fsync_dir",
-    ),
+    "create": tuple(s for s in CREATE_STEPS if s != "ensure_dir:mkdir"),
     "cleanup": ("prune:remove", "prune:fsync_dir"),
-    "install": (
-        "receive:chunk",
-        "receive:fsync",
-        "install:unpack",
-        "install:apply",
-        "install:publish",
-        "publish:rename",
-        "publish:fsync_dir",
-        "record",
-        "prune:remove",
-        "prune:fsync_dir",
-    ),
+    "install": tuple(INSTALL_STEPS),
 }
 STEP_TOLERATED: dict[tuple[str, str], str] = {
     ("create", "prune:remove"): "prune-after-publish",

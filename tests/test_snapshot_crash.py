@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _seams import CREATE_STEPS, INSTALL_STEPS
 
 from d_engine_sm import _kv
 from d_engine_sm._config import SnapshotConfig
@@ -30,30 +31,6 @@ PACKAGE = Path(archive.__file__).parent
 NOT_REACHED = 3
 WAIT = 30.0
 
-CREATE_STEPS = [
-    "ensure_dir:mkdir",
-    "create:work_dir",
-    "create:generate",
-    "create:pack",
-    "create:fsync",
-    "publish:rename",
-    "publish:fsync_dir",
-    "record",
-    "prune:remove",
-    "prune:fsync_dir",
-]
-INSTALL_STEPS = [
-    "receive:chunk",
-    "receive:fsync",
-    "install:unpack",
-    "install:apply",
-    "install:publish",
-    "publish:rename",
-    "publish:fsync_dir",
-    "record",
-    "prune:remove",
-    "prune:fsync_dir",
-]
 RECOVER_STEPS = [
     "recover:remove_temp",
     "recover:rename_broken",

@@ -8,7 +8,6 @@ once, the same LogId twice returns the existing archive.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from _seams import FullDiskFile
 
 from d_engine_sm import _kv
 from d_engine_sm._config import SnapshotConfig
@@ -126,24 +126,6 @@ class CountingPolicy(SnapshotPolicy):
         self.marked += 1
 
 
-class _FullDiskFile:
-    """A file that accepts ``budget`` bytes and then fails like a full disk."""
-
-    def __init__(self, inner: BinaryIO, budget: int) -> None:
-        self._inner = inner
-        self._budget = budget
-
-    def write(self, b: Any) -> int:
-        n = memoryview(b).nbytes
-        if n > self._budget:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        self._budget -= n
-        return self._inner.write(b)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 class DiskOps(FileOps):
     """FileOps with a switchable small disk: ``free`` bytes, ENOSPC after ``budget``."""
 
@@ -158,7 +140,7 @@ class DiskOps(FileOps):
         f = super().open_write(path)
         if self.budget is None:
             return f
-        return _FullDiskFile(f, self.budget)  # type: ignore[return-value]
+        return FullDiskFile(f, self.budget)  # type: ignore[return-value]
 
 
 @pytest.fixture
