@@ -449,7 +449,7 @@ def list_members(path: Path) -> list[tuple[str, int, str]]:
 class _Unpacker:
     """State of one safe_unpack: what exists under dest and what it cost."""
 
-    def __init__(self, archive: Path, dest: Path, max_bytes: int, max_members: int) -> None:
+    def __init__(self, archive: str, dest: Path, max_bytes: int, max_members: int) -> None:
         self.archive = archive
         self.dest_real = os.path.realpath(dest)
         self.max_bytes = max_bytes
@@ -564,31 +564,58 @@ def safe_unpack(
 
     Blocking; thread-safe for distinct ``dest``.
     """
+    total = os.path.getsize(archive)
+    with open(archive, "rb") as raw:
+        unpack_stream(
+            cast(BinaryIO, raw),
+            dest,
+            name=str(archive),
+            max_bytes=max_bytes,
+            max_members=max_members,
+            progress=(lambda done: progress("unpack", done, total)) if progress else None,
+            use_isal=use_isal,
+        )
+    if progress is not None:
+        progress("unpack", total, total)
+
+
+def unpack_stream(
+    raw: BinaryIO,
+    dest: Path,
+    *,
+    name: str,
+    max_bytes: int,
+    max_members: int,
+    progress: Callable[[int], None] | None = None,
+    use_isal: bool = HAVE_ISAL,
+) -> None:
+    """:func:`safe_unpack` over any readable stream of archive bytes.
+
+    ``name`` labels errors; ``progress`` gets the archive bytes read so far
+    (when ``raw`` can ``tell``). Same checks, errors and guarantees as
+    :func:`safe_unpack`; used to unpack a snapshot while it is still arriving.
+    """
     if max_bytes < 0 or max_members < 0:
         raise ValueError(f"caps must be >= 0, got max_bytes={max_bytes} max_members={max_members}")
     if not dest.is_dir() or dest.is_symlink():
         raise ValueError(f"unpack destination must be an existing directory: {dest}")
     if any(dest.iterdir()):
         raise ValueError(f"unpack destination must be empty: {dest}")
-    state = _Unpacker(archive, dest, max_bytes, max_members)
-    total = os.path.getsize(archive)
-    with open(archive, "rb") as raw:
-        with _decoding(archive):
-            tar = _open_tar(gzip_reader(cast(BinaryIO, raw), use_isal=use_isal))
-        while True:
-            with _decoding(archive):
-                member = _next_member(tar)
-            if member is None:
-                break
-            parts = state.admit(member)
-            if member.isdir():
-                state.make_dir(parts, member.name)
-            else:
-                state.write_file(tar, member, parts)
-            if progress is not None:
-                progress("unpack", raw.tell(), total)
-        with _decoding(archive):
-            _drain_tail(tar, archive)
-    if progress is not None:
-        progress("unpack", total, total)
-    _log.debug("unpacked archive=%s members=%d bytes=%d", archive, state.members, state.written)
+    state = _Unpacker(name, dest, max_bytes, max_members)
+    with _decoding(name):
+        tar = _open_tar(gzip_reader(raw, use_isal=use_isal))
+    while True:
+        with _decoding(name):
+            member = _next_member(tar)
+        if member is None:
+            break
+        parts = state.admit(member)
+        if member.isdir():
+            state.make_dir(parts, member.name)
+        else:
+            state.write_file(tar, member, parts)
+        if progress is not None:
+            progress(raw.tell())
+    with _decoding(name):
+        _drain_tail(tar, name)
+    _log.debug("unpacked archive=%s members=%d bytes=%d", name, state.members, state.written)

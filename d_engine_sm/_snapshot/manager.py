@@ -15,12 +15,13 @@ import errno
 import hashlib
 import logging
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final, cast
 
 from d_engine_sm._closing import Closing
 from d_engine_sm._config import SnapshotConfig
@@ -28,6 +29,7 @@ from d_engine_sm._fs import FileOps
 from d_engine_sm._metrics import Metrics
 from d_engine_sm._policy import SnapshotPolicy
 from d_engine_sm._snapshot import archive, chunks
+from d_engine_sm._snapshot.pipe import BytePipe
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
 from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotReader, SnapshotStore
 from d_engine_sm._state_machine import StateMachine, overrides_prepare
@@ -50,6 +52,7 @@ AckFn = Callable[[storage_pb2.SnapshotAck], None]
 ProgressFn = Callable[[str, int, int], None]
 SnapshotMetadata = storage_pb2.SnapshotMetadata
 
+_UNPACK_BUFFER: Final = 8 << 20  # bytes handed ahead to the unpacking thread
 _PREFETCH: Final = 4  # chunks pulled ahead of the writer (bounds receive memory)
 _SPACE_MARGIN: Final = 64 * 1024  # gzip/tar overhead over the raw bytes, worst case
 _PAGE: Final = mmap.PAGESIZE
@@ -421,6 +424,10 @@ class SnapshotManager:
             writing = cleanup.enter_context(ExitStack())
             temp: Path | None = None
             hasher = hashlib.sha256()
+            unpack_dir = store.new_temp_path("unpack")
+            cleanup.callback(_remove_if_there, store, unpack_dir)
+            unpacker = _StreamingUnpack(unpack_dir, config)
+            cleanup.callback(unpacker.abort)
             try:
                 for chunk in pump:
                     step = rx.feed(chunk)
@@ -429,9 +436,13 @@ class SnapshotManager:
                             store.check_space(rx.expected_bytes)
                             temp, out = writing.enter_context(store.temp_archive("receive"))
                             cleanup.callback(store.remove_quietly, temp)
+                            self._fs.announce("install:unpack")
+                            self._fs.mkdir(unpack_dir)
+                            unpacker.start()
                         self._fs.announce("receive:chunk")
                         out.write(step.data)
                         hasher.update(step.data)
+                        unpacker.feed(step.data)
                         _report(progress, "receive", rx.received_bytes, rx.expected_bytes)
                     if step.ack is not None:
                         _send(ack, step.ack)
@@ -439,6 +450,8 @@ class SnapshotManager:
                 if len(meta.checksum) == 32 and hasher.digest() != meta.checksum:
                     raise rx.fail("archive SHA-256 does not match metadata.checksum")
                 writing.close()
+                unpacker.finish()  # the archive's own problems, after the transfer's
+                _report(progress, "unpack", rx.received_bytes, rx.received_bytes)
             except ReceiveAbort as abort:
                 if abort.ack is not None:
                     _send(ack, abort.ack)
@@ -462,7 +475,9 @@ class SnapshotManager:
                     raise SnapshotTransferError(str(exc), seq=rx.received) from exc
                 raise
             assert temp is not None  # end_of_stream guarantees >= 1 chunk
-            self._install(meta, temp, config, progress, lambda reason: _send_fail(ack, rx, reason))
+            self._install(
+                meta, temp, unpack_dir, progress, lambda reason: _send_fail(ack, rx, reason)
+            )
             return meta, rx.received_bytes
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -470,57 +485,37 @@ class SnapshotManager:
         self,
         meta: SnapshotMetadata,
         temp: Path,
-        config: SnapshotConfig,
+        unpack_dir: Path,
         progress: ProgressFn | None,
         fail: Callable[[str], None],
     ) -> None:
-        """Unpack, swap the state, then keep the archive as the newest snapshot."""
+        """Swap the state for the unpacked snapshot, then keep the archive as the newest."""
         store = self._store
-        unpack_dir = store.new_temp_path("unpack")
         lid = meta.last_included
+        failure: SnapshotError | None = None
         try:
-            try:
-                self._fs.announce("install:unpack")
-                self._fs.mkdir(unpack_dir)
-                archive.safe_unpack(
-                    temp,
-                    unpack_dir,
-                    max_bytes=config.max_unpacked_bytes,
-                    max_members=config.max_archive_members,
-                    progress=progress,
-                )
-            except OSError as exc:
-                fail(str(exc))
-                raise self._disk_error(exc, 0, "unpacking snapshot") from exc
-            except DEngineError as exc:
-                fail(str(exc))
-                raise
-            failure: SnapshotError | None = None
-            try:
-                self._fs.announce("install:apply")
-            except OSError as exc:
-                fail(str(exc))
-                raise self._disk_error(exc, 0, "installing snapshot") from exc
-            with self._pause:
-                applied = self._applied()
-                if lid.index <= applied.index:
-                    failure = StaleSnapshotError(lid.index, applied.index)
+            self._fs.announce("install:apply")
+        except OSError as exc:
+            fail(str(exc))
+            raise self._disk_error(exc, 0, "installing snapshot") from exc
+        with self._pause:
+            applied = self._applied()
+            if lid.index <= applied.index:
+                failure = StaleSnapshotError(lid.index, applied.index)
+            else:
+                try:
+                    self._sm.apply_snapshot_from_file(meta, unpack_dir)
+                except Exception as exc:
+                    failure = SnapshotError(f"apply_snapshot_from_file failed: {exc}")
+                    failure.__cause__ = exc
                 else:
-                    try:
-                        self._sm.apply_snapshot_from_file(meta, unpack_dir)
-                    except Exception as exc:
-                        failure = SnapshotError(f"apply_snapshot_from_file failed: {exc}")
-                        failure.__cause__ = exc
-                    else:
-                        self._publish_applied(LogId(index=lid.index, term=lid.term))
-            # Acks and listeners are user code: called only after the pause ends.
-            if failure is not None:
-                fail(str(failure))
-                raise failure
-            self._notify_applied(lid.index)
-            _report(progress, "install", 1, 1)
-        finally:
-            store.remove_quietly(unpack_dir)
+                    self._publish_applied(LogId(index=lid.index, term=lid.term))
+        # Acks and listeners are user code: called only after the pause ends.
+        if failure is not None:
+            fail(str(failure))
+            raise failure
+        self._notify_applied(lid.index)
+        _report(progress, "install", 1, 1)
         try:
             self._fs.announce("install:publish")
             final = store.publish(temp, lid.index, lid.term)
@@ -575,6 +570,11 @@ def _send_fail(ack: AckFn, rx: SnapshotReceiver, reason: str) -> None:
         _send(ack, abort.ack)
 
 
+def _remove_if_there(store: SnapshotStore, path: Path) -> None:
+    if os.path.lexists(path):
+        store.remove_quietly(path)
+
+
 def _report(progress: ProgressFn | None, phase: str, done: int, total: int) -> None:
     if progress is not None:
         try:
@@ -609,6 +609,57 @@ class _ChunkTimeout(Exception):
 
 class _StreamError(Exception):
     """The caller's chunk iterator raised (cause chained)."""
+
+
+class _StreamingUnpack:
+    """Unpacks a received archive on a helper thread while its bytes arrive.
+
+    The archive's own problems (an unsafe member, a corrupt stream, a full
+    disk) are kept and raised by ``finish``, after the transfer's checks
+    (count, SHA-256), so errors are reported in the same order as when
+    unpacking followed the transfer. Nothing is installed before ``finish``.
+    """
+
+    def __init__(self, dest: Path, config: SnapshotConfig) -> None:
+        self._dest = dest
+        self._config = config
+        self._pipe = BytePipe(_UNPACK_BUFFER)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="d-engine-sm-unpack", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            archive.unpack_stream(
+                cast(BinaryIO, self._pipe),
+                self._dest,
+                name=f"received archive ({self._dest.name})",
+                max_bytes=self._config.max_unpacked_bytes,
+                max_members=self._config.max_archive_members,
+            )
+        except BaseException as exc:  # handed to the receiving thread by finish()
+            self._error = exc
+        finally:
+            self._pipe.stop_reader()  # a writer blocked on a full pipe moves on
+
+    def feed(self, data: bytes) -> None:
+        self._pipe.put(data)  # False once the reader stopped: its error waits for finish()
+
+    def finish(self) -> None:
+        self._pipe.close_writer()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """End the helper (it sees a truncated stream) before its directory is removed."""
+        self._pipe.close_writer()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class _Pump:
