@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error(message: str) -> None:
     one_line = " ".join(str(message).split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{PROG}: error: {one_line}\n")
+    sys.stderr.flush()
 
 
 def _describe(exc: BaseException) -> str:
@@ -293,7 +294,8 @@ def _build_parser() -> _Parser:
 
 # -- shared helpers -----------------------------------------------------------------------
 def _out(text: str = "") -> None:
-    print(text, flush=True)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _existing_dir(path: Path) -> Path:
