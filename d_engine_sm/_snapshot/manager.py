@@ -181,7 +181,6 @@ class SnapshotManager:
                 # directory fsync) published this archive without recording it.
                 self._record(existing)
                 return existing, last_included.path
-            _report(progress, "generate", 1, 1)
             meta, final = self._pack_and_publish(work_dir, last_included, progress)
         finally:
             store.remove_quietly(work_dir)
@@ -241,7 +240,9 @@ class SnapshotManager:
         self, work_dir: Path, last_included: LogId, progress: ProgressFn | None
     ) -> tuple[SnapshotMetadata, Path]:
         store = self._store
-        needed = _tree_size(work_dir) + _SPACE_MARGIN
+        generated = _tree_size(work_dir)
+        _report(progress, "generate", generated, generated)
+        needed = generated + _SPACE_MARGIN
         store.check_space(needed)
         try:
             with store.temp_archive("create") as (temp, out):
@@ -515,7 +516,8 @@ class SnapshotManager:
             fail(str(failure))
             raise failure
         self._notify_applied(lid.index)
-        _report(progress, "install", 1, 1)
+        size = os.path.getsize(temp)
+        _report(progress, "install", size, size)
         try:
             self._fs.announce("install:publish")
             final = store.publish(temp, lid.index, lid.term)
