@@ -625,3 +625,17 @@ def test_recovery_keeps_at_most_keep_broken(tmp_path: Path) -> None:
         assert h.get_latest_snapshot_metadata() is None
     broken = [n for n in names(d) if n.endswith(".broken")]
     assert len(broken) == 2 and tar_names(d) == []
+
+
+def test_create_progress_reports_bytes(tmp_path: Path) -> None:
+    h = StateMachineHandler(MemoryStateMachine(), cfg(tmp_path))
+    apply_n(h, 500)
+    calls: list[tuple[str, int, int]] = []
+    h.create_snapshot(progress=lambda *a: calls.append(a))
+    phases = [phase for phase, _, _ in calls]
+    assert phases[0] == "generate" and "pack" in phases
+    generated = calls[0][1]
+    assert generated > 0 and calls[0] == ("generate", generated, generated)
+    last_pack = [c for c in calls if c[0] == "pack"][-1]
+    assert last_pack[1] == last_pack[2] == generated  # pack counts the generated files' bytes
+    assert all(done <= total for _, done, total in calls)
