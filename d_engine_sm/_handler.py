@@ -39,7 +39,8 @@ from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
 from d_engine_sm._metrics import new_handler_metrics
 from d_engine_sm._policy import LogSizePolicy, SnapshotPolicy
-from d_engine_sm._snapshot.manager import AckFn, ProgressFn, SnapshotManager
+from d_engine_sm._snapshot.manager import AckFn, SnapshotManager
+from d_engine_sm._snapshot.streams import ProgressFn
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, LogId, NewCommitData, SnapshotContext
 from d_engine_sm._watch import Watcher, WatchHub

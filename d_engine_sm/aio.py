@@ -35,7 +35,7 @@ from typing import Any, Final, TypeVar
 
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
-from d_engine_sm._snapshot.manager import ProgressFn
+from d_engine_sm._snapshot.streams import ProgressFn
 from d_engine_sm._values import ApplyResult, NewCommitData
 from d_engine_sm._watch import Watcher
 from d_engine_sm._worker import ApplyWorker, WorkerEvent

@@ -10,28 +10,33 @@ processes through the store's ``.lock``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
-import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO, Final, cast
+from typing import Final
 
-from d_engine_sm._closing import Closing
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._fs import FileOps
 from d_engine_sm._metrics import Metrics
 from d_engine_sm._policy import SnapshotPolicy
 from d_engine_sm._snapshot import archive, chunks
-from d_engine_sm._snapshot.pipe import BytePipe
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
-from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotReader, SnapshotStore
+from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotStore
+from d_engine_sm._snapshot.streams import (
+    ChunkStream,
+    ChunkTimeout,
+    ProgressFn,
+    Pump,
+    StreamError,
+    StreamingUnpack,
+    report,
+)
 from d_engine_sm._state_machine import StateMachine, overrides_prepare
 from d_engine_sm._values import LogId
 from d_engine_sm.errors import (
@@ -49,13 +54,9 @@ from d_engine_sm.proto import storage_pb2
 _log = logging.getLogger("d_engine_sm.snapshot")
 
 AckFn = Callable[[storage_pb2.SnapshotAck], None]
-ProgressFn = Callable[[str, int, int], None]
 SnapshotMetadata = storage_pb2.SnapshotMetadata
 
-_UNPACK_BUFFER: Final = 8 << 20  # bytes handed ahead to the unpacking thread
-_PREFETCH: Final = 4  # chunks pulled ahead of the writer (bounds receive memory)
 _SPACE_MARGIN: Final = 64 * 1024  # gzip/tar overhead over the raw bytes, worst case
-_PAGE: Final = mmap.PAGESIZE
 
 
 class SnapshotManager:
@@ -241,7 +242,7 @@ class SnapshotManager:
     ) -> tuple[SnapshotMetadata, Path]:
         store = self._store
         generated = _tree_size(work_dir)
-        _report(progress, "generate", generated, generated)
+        report(progress, "generate", generated, generated)
         needed = generated + _SPACE_MARGIN
         store.check_space(needed)
         try:
@@ -344,7 +345,7 @@ class SnapshotManager:
         except BaseException:
             stack.close()
             raise
-        return _ChunkStream(
+        return ChunkStream(
             stack,
             reader,
             chunk_size=self._config.chunk_size,
@@ -418,7 +419,7 @@ class SnapshotManager:
         last_applied = self._applied().index
         rx = SnapshotReceiver(last_applied_index=last_applied, max_retries=config.max_chunk_retries)
         with ExitStack() as cleanup:
-            pump = _Pump(stream, config.chunk_timeout)
+            pump = Pump(stream, config.chunk_timeout)
             cleanup.callback(pump.close)
             # The archive file's own context: closed (fsync + close) before unpacking,
             # or unwound with the error (file removed) when anything fails.
@@ -427,7 +428,7 @@ class SnapshotManager:
             hasher = hashlib.sha256()
             unpack_dir = store.new_temp_path("unpack")
             cleanup.callback(_remove_if_there, store, unpack_dir)
-            unpacker = _StreamingUnpack(unpack_dir, config)
+            unpacker = StreamingUnpack(unpack_dir, config)
             cleanup.callback(unpacker.abort)
             try:
                 for chunk in pump:
@@ -444,7 +445,7 @@ class SnapshotManager:
                         out.write(step.data)
                         hasher.update(step.data)
                         unpacker.feed(step.data)
-                        _report(progress, "receive", rx.received_bytes, rx.expected_bytes)
+                        report(progress, "receive", rx.received_bytes, rx.expected_bytes)
                     if step.ack is not None:
                         _send(ack, step.ack)
                 meta = rx.end_of_stream()
@@ -452,23 +453,23 @@ class SnapshotManager:
                     raise rx.fail("archive SHA-256 does not match metadata.checksum")
                 writing.close()
                 unpacker.finish()  # the archive's own problems, after the transfer's
-                _report(progress, "unpack", rx.received_bytes, rx.received_bytes)
+                report(progress, "unpack", rx.received_bytes, rx.received_bytes)
             except ReceiveAbort as abort:
                 if abort.ack is not None:
                     _send(ack, abort.ack)
                 raise _translate(abort, last_applied) from None
-            except _ChunkTimeout:
+            except ChunkTimeout:
                 timed_out = rx.timed_out(config.chunk_timeout)
                 if timed_out.ack is not None:
                     _send(ack, timed_out.ack)
                 raise _translate(timed_out, last_applied) from None
-            except (DEngineError, OSError, _StreamError, TypeError) as exc:
+            except (DEngineError, OSError, StreamError, TypeError) as exc:
                 failed = rx.fail(str(exc))
                 if failed.ack is not None:
                     _send(ack, failed.ack)
                 if isinstance(exc, OSError):
                     raise self._disk_error(exc, rx.expected_bytes, "receiving snapshot") from exc
-                if isinstance(exc, _StreamError):
+                if isinstance(exc, StreamError):
                     raise SnapshotTransferError(
                         f"stream error: {exc.__cause__!r}", seq=rx.received
                     ) from exc.__cause__
@@ -517,7 +518,7 @@ class SnapshotManager:
             raise failure
         self._notify_applied(lid.index)
         size = os.path.getsize(temp)
-        _report(progress, "install", size, size)
+        report(progress, "install", size, size)
         try:
             self._fs.announce("install:publish")
             final = store.publish(temp, lid.index, lid.term)
@@ -577,14 +578,6 @@ def _remove_if_there(store: SnapshotStore, path: Path) -> None:
         store.remove_quietly(path)
 
 
-def _report(progress: ProgressFn | None, phase: str, done: int, total: int) -> None:
-    if progress is not None:
-        try:
-            progress(phase, done, total)
-        except Exception:
-            _log.exception("progress callback failed phase=%s", phase)
-
-
 def _translate(abort: ReceiveAbort, last_applied: int) -> SnapshotTransferError:
     if abort.stale:
         return StaleSnapshotError(abort.snapshot_index, last_applied)
@@ -603,222 +596,3 @@ def _peek_latest(store: SnapshotStore) -> tuple[ArchiveInfo, bytes] | None:
 
 def _tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-
-
-class _ChunkTimeout(Exception):
-    pass
-
-
-class _StreamError(Exception):
-    """The caller's chunk iterator raised (cause chained)."""
-
-
-class _StreamingUnpack:
-    """Unpacks a received archive on a helper thread while its bytes arrive.
-
-    The archive's own problems (an unsafe member, a corrupt stream, a full
-    disk) are kept and raised by ``finish``, after the transfer's checks
-    (count, SHA-256), so errors are reported in the same order as when
-    unpacking followed the transfer. Nothing is installed before ``finish``.
-    """
-
-    def __init__(self, dest: Path, config: SnapshotConfig) -> None:
-        self._dest = dest
-        self._config = config
-        self._pipe = BytePipe(_UNPACK_BUFFER)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="d-engine-sm-unpack", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            archive.unpack_stream(
-                cast(BinaryIO, self._pipe),
-                self._dest,
-                name=f"received archive ({self._dest.name})",
-                max_bytes=self._config.max_unpacked_bytes,
-                max_members=self._config.max_archive_members,
-            )
-        except BaseException as exc:  # handed to the receiving thread by finish()
-            self._error = exc
-        finally:
-            self._pipe.stop_reader()  # a writer blocked on a full pipe moves on
-
-    def feed(self, data: bytes) -> None:
-        self._pipe.put(data)  # False once the reader stopped: its error waits for finish()
-
-    def finish(self) -> None:
-        self._pipe.close_writer()
-        if self._thread is not None:
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def abort(self) -> None:
-        """End the helper (it sees a truncated stream) before its directory is removed."""
-        self._pipe.close_writer()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class _Pump:
-    """Iterates a possibly-blocking chunk source with a per-chunk deadline.
-
-    A plain iterator cannot be interrupted, so it is pulled on a daemon
-    thread into a small buffer; the consumer waits on a condition with the
-    deadline. Lists and tuples never block and are iterated directly.
-    """
-
-    def __init__(self, source: Iterable[storage_pb2.SnapshotChunk], timeout: float) -> None:
-        self._timeout = timeout
-        self._direct: Iterator[storage_pb2.SnapshotChunk] | None = None
-        if isinstance(source, Sequence):
-            self._direct = iter(source)
-            return
-        self._source = source
-        self._cond = threading.Condition()
-        self._buffer: list[tuple[str, object]] = []
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="d-engine-sm-recv", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        it = iter(self._source)
-        try:
-            for item in it:
-                if not self._put(("chunk", item)):
-                    break
-            else:
-                self._put(("end", None))
-        except BaseException as exc:  # the caller's iterator failed: hand it over
-            self._put(("error", exc))
-        finally:
-            # An abandoned sender (e.g. our own chunk stream) releases its
-            # archive now rather than at garbage collection.
-            close = getattr(it, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
-
-    def _put(self, item: tuple[str, object]) -> bool:
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopped or len(self._buffer) < _PREFETCH)
-            if self._stopped:
-                return False
-            self._buffer.append(item)
-            self._cond.notify_all()
-            return True
-
-    def __iter__(self) -> Iterator[storage_pb2.SnapshotChunk]:
-        if self._direct is not None:
-            yield from self._direct
-            return
-        while True:
-            with self._cond:
-                if not self._cond.wait_for(lambda: bool(self._buffer), self._timeout):
-                    raise _ChunkTimeout
-                kind, value = self._buffer.pop(0)
-                self._cond.notify_all()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise _StreamError(str(value)) from value  # type: ignore[misc]
-            yield value  # type: ignore[misc]
-
-    def close(self) -> None:
-        if self._direct is not None:
-            return
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-
-
-class _ChunkStream(Closing, Iterator[storage_pb2.SnapshotChunk]):
-    """The chunks of one archive; holds the reader's shared lock until closed."""
-
-    def __init__(
-        self,
-        stack: ExitStack,
-        reader: SnapshotReader,
-        *,
-        chunk_size: int,
-        leader_term: int,
-        leader_id: int,
-        metadata: SnapshotMetadata,
-        metrics: Metrics,
-        progress: ProgressFn | None,
-    ) -> None:
-        self._stack = stack
-        self._reader = reader
-        self._size = reader.size
-        self._released = 0  # mapped bytes already handed back to the kernel
-        self._chunk_size = chunk_size
-        self._total = chunks.chunk_count(self._size, chunk_size)
-        self._leader_term = leader_term
-        self._leader_id = leader_id
-        self._metadata = metadata
-        self._metrics = metrics
-        self._progress = progress
-        self._seq = 0
-        self._started = time.perf_counter()
-        self._closed = False
-
-    @property
-    def total_chunks(self) -> int:
-        return self._total
-
-    def __next__(self) -> storage_pb2.SnapshotChunk:
-        if self._closed or self._seq >= self._total:
-            self._finish(completed=not self._closed)
-            raise StopIteration
-        seq = self._seq
-        start, end = chunks.chunk_bounds(seq, self._size, self._chunk_size)
-        data = self._reader.read(start, end)
-        self._release(end)
-        self._seq += 1
-        _report(self._progress, "send", end, self._size)
-        return chunks.make_chunk(
-            seq=seq,
-            total=self._total,
-            data=data,
-            leader_term=self._leader_term,
-            leader_id=self._leader_id,
-            metadata=self._metadata if seq == 0 else None,
-        )
-
-    def _release(self, upto: int) -> None:
-        """Drop the mapped pages already sent, so RSS stays flat for any archive size.
-
-        Without it every page read stays counted in this process's RSS until
-        the map is closed: a 1 GiB archive would cost 1 GiB of RSS to send.
-        """
-        mapped = self._reader.mmap
-        advise = getattr(mapped, "madvise", None)
-        dontneed = getattr(mmap, "MADV_DONTNEED", None)
-        end = upto - upto % _PAGE
-        if advise is None or dontneed is None or end - self._released < 8 * _PAGE:
-            return
-        with contextlib.suppress(OSError, ValueError):
-            advise(dontneed, self._released, end - self._released)
-        self._released = end
-
-    def _finish(self, *, completed: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stack.close()
-        if completed:
-            self._metrics.incr("snapshot_sends")
-            self._metrics.incr("snapshot_sent_bytes", self._size)
-            self._metrics.observe("snapshot_send_seconds", time.perf_counter() - self._started)
-
-    def close(self) -> None:
-        """Release the archive early (an abandoned transfer)."""
-        self._finish(completed=False)
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            self._stack.close()
