@@ -75,6 +75,3 @@ def log_id(index: int, term: int) -> LogId:
     """Build a LogId from ``(index, term)`` (the proto takes term first)."""
     return LogId(term=term, index=index)
 
-
-def format_log_id(lid: LogId) -> str:
-    return f"{lid.index}-{lid.term}"
