@@ -459,7 +459,6 @@ class StateMachineHandler(Closing):
             except Exception:
                 _log.exception("close listener failed")
         self._watch.close_all()
-        self._snapshots.close()
 
 
 def _check_contiguous(entries: Sequence[common_pb2.Entry], expected: int) -> None:

@@ -546,9 +546,6 @@ class SnapshotManager:
             return InsufficientSpace(str(directory), needed, free)
         return SnapshotError(f"{doing} failed in {directory}: {exc}")
 
-    def close(self) -> None:
-        pass
-
 
 # -- helpers ---------------------------------------------------------------------
 def _metadata(index: int, term: int, digest: bytes) -> SnapshotMetadata:
