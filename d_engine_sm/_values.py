@@ -74,4 +74,3 @@ class SnapshotContext:
 def log_id(index: int, term: int) -> LogId:
     """Build a LogId from ``(index, term)`` (the proto takes term first)."""
     return LogId(term=term, index=index)
-
