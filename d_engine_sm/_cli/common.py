@@ -1,0 +1,180 @@
+"""What every command of the command line shares: errors, the parser,
+argument types, output helpers.
+
+A command module adds its parsers in ``register(subparsers)`` through
+:func:`add_command` (which gives every command ``-v/--verbose``) and sets
+``func`` to the function that runs it: ``func(args) -> exit status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn, TypeAlias
+
+from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._snapshot.naming import parse_archive_name
+from d_engine_sm._sqlite import SqliteStateMachine
+from d_engine_sm._state_machine import StateMachine
+
+log: Final = logging.getLogger("d_engine_sm.cli")
+
+PROG: Final = "d-engine-sm"
+DEFAULT_PREFIX: Final = "snapshot-"
+
+
+class _UsageError(Exception):
+    """Bad command-line usage: exit 2."""
+
+
+class _Failure(Exception):
+    """A command failed in a way already explained by the message: exit 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors raise (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[Parser]"
+
+
+def _verbose_parent() -> Parser:
+    parent = Parser(add_help=False)
+    # SUPPRESS: a subcommand's default must not overwrite a top-level --verbose.
+    parent.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    return parent
+
+
+_VERBOSE: Final = _verbose_parent()
+
+
+def add_command(subparsers: Subparsers, name: str, **kwargs: Any) -> Parser:
+    """Add one (sub)command's parser; it accepts ``-v/--verbose`` too."""
+    return subparsers.add_parser(name, parents=[_VERBOSE], **kwargs)
+
+
+# -- argument types -------------------------------------------------------------------
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer (``_`` separators allowed) >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0-65535), got {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    kind: str  # "memory" or "sqlite"
+    path: Path | None = None
+
+
+def state_spec(text: str) -> StateSpec:
+    if text == "memory":
+        return StateSpec("memory")
+    kind, sep, path = text.partition(":")
+    if kind == "sqlite" and sep and path:
+        return StateSpec("sqlite", Path(path))
+    raise argparse.ArgumentTypeError(f"expected 'memory' or 'sqlite:PATH', got {text!r}")
+
+
+def check_prefix(prefix: str) -> str:
+    try:
+        parse_archive_name("", prefix)
+    except (TypeError, ValueError) as exc:
+        raise _UsageError(f"bad --prefix: {exc}") from None
+    return prefix
+
+
+# -- output ---------------------------------------------------------------------------
+def out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str) -> None:
+    """The one line a failing command prints on stderr."""
+    one_line = " ".join(str(message).split())
+    sys.stderr.write(f"{PROG}: error: {one_line}\n")
+    sys.stderr.flush()
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
+def printable(name: str) -> str:
+    """A member name safe to print (hostile archives may hold control characters)."""
+    return name if name.isprintable() else repr(name)
+
+
+def short_hex(digest: bytes, n: int = 12) -> str:
+    return digest.hex()[:n]
+
+
+# -- files and state machines ---------------------------------------------------------
+def existing_dir(path: Path) -> Path:
+    if not path.exists():
+        raise _Failure(f"no such directory: {path}")
+    if not path.is_dir():
+        raise _Failure(f"not a directory: {path}")
+    return path
+
+
+def existing_file(path: Path) -> Path:
+    if not path.exists():
+        raise _Failure(f"no such file: {path}")
+    if not path.is_file():
+        raise _Failure(f"not a file: {path}")
+    return path
+
+
+def make_state_machine(spec: StateSpec, durability: str = "full") -> StateMachine:
+    if spec.kind == "memory":
+        return MemoryStateMachine()
+    assert spec.path is not None
+    return SqliteStateMachine(spec.path, durability=durability)
+
+
+def close_state_machine(sm: StateMachine) -> None:
+    close = getattr(sm, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,138 @@
+"""``serve`` / ``send``: move snapshots between processes or hosts over gRPC.
+
+The ``grpc`` extra is imported only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+from d_engine_sm._cli.common import (
+    StateSpec,
+    Subparsers,
+    _Failure,
+    add_command,
+    close_state_machine,
+    existing_dir,
+    host_port,
+    make_state_machine,
+    non_negative_int,
+    out,
+    positive_float,
+    state_spec,
+)
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._handler import StateMachineHandler
+from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._progress import fmt_mb
+from d_engine_sm._snapshot.naming import archive_name
+
+GRPC_HINT: Final = "pip install 'd-engine-sm[grpc]'"
+
+
+def register(subparsers: Subparsers) -> None:
+    serve = add_command(
+        subparsers, "serve", help="accept and serve snapshots over gRPC until interrupted"
+    )
+    serve.add_argument("--dir", type=Path, required=True, help="snapshots directory")
+    serve.add_argument("--listen", type=host_port, required=True, metavar="HOST:PORT")
+    serve.add_argument(
+        "--state", type=state_spec, default=StateSpec("memory"), metavar="sqlite:PATH|memory"
+    )
+    serve.add_argument("--node-id", type=non_negative_int, default=0, metavar="N")
+    serve.set_defaults(func=_cmd_serve)
+
+    send = add_command(subparsers, "send", help="push this directory's newest snapshot to a peer")
+    send.add_argument("--dir", type=Path, required=True, help="snapshots directory")
+    send.add_argument("--to", type=host_port, required=True, metavar="HOST:PORT")
+    send.add_argument("--term", type=non_negative_int, help="leader term (default: the snapshot's)")
+    send.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS")
+    send.set_defaults(func=_cmd_send)
+
+
+def _grpc_transport() -> Any:
+    try:
+        from d_engine_sm.transport import grpc as transport
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "grpc" or "grpc" in str(exc):
+            raise _Failure(f"the gRPC transport needs the grpc extra: {GRPC_HINT}") from exc
+        raise
+    return transport
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    transport = _grpc_transport()
+    directory: Path = args.dir
+    if directory.exists() and not directory.is_dir():
+        raise _Failure(f"not a directory: {directory}")
+    spec: StateSpec = args.state
+    sm = make_state_machine(spec)
+    try:
+        config = SnapshotConfig(snapshots_dir=directory)
+        # Signals are caught through shutdown too: a second Ctrl-C must not
+        # interrupt the server's stop or the handler's close half-way.
+        with (
+            _stop_signals() as stop,
+            StateMachineHandler(sm, config, node_id=args.node_id) as handler,
+        ):
+            server, port = transport.start_server(handler, args.listen)
+            try:
+                host = args.listen.rpartition(":")[0]
+                out(f"serving node {args.node_id} on {host}:{port} (snapshots in {directory})")
+                # A bounded wait per round keeps the main thread responsive to signals.
+                while not stop.wait(0.5):
+                    pass
+            finally:
+                server.stop(grace=2.0).wait(5.0)
+            out(f"stopped; last_applied {handler.last_applied()}")
+    finally:
+        close_state_machine(sm)
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while inside (handlers restored afterwards)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # pragma: no cover - signals need the main thread; Ctrl-C stays default
+        return
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    transport = _grpc_transport()
+    directory = existing_dir(args.dir)
+    # Only the archive matters: the state machine is a placeholder.
+    with StateMachineHandler(MemoryStateMachine(), SnapshotConfig(snapshots_dir=directory)) as h:
+        meta = h.get_latest_snapshot_metadata()
+        if meta is None:
+            raise _Failure(f"no snapshot archive to send in {directory}")
+        lid = meta.last_included
+        term = lid.term if args.term is None else args.term
+        started = time.perf_counter()
+        response = transport.send_snapshot(args.to, h, meta, leader_term=term, timeout=args.timeout)
+        seconds = time.perf_counter() - started
+        size = (directory / archive_name(h.config.snapshots_dir_prefix, lid.index, lid.term)).stat()
+    out(
+        f"sent snapshot index {lid.index} term {lid.term} ({fmt_mb(size.st_size)}, "
+        f"{response.next_chunk} chunks) to {args.to} in {seconds:.2f} s: installed"
+    )
+    return 0
