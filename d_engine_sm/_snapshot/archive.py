@@ -25,13 +25,19 @@ import logging
 import os
 import stat
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Final, cast
 
 from d_engine_sm._compress import HAVE_ISAL, gzip_reader, gzip_writer
+from d_engine_sm._snapshot.tarsafe import (
+    check_member,
+    decoding,
+    member_kind,
+    next_member,
+    open_tar,
+)
 from d_engine_sm.errors import CorruptSnapshotError, UnsafeArchiveError
 
 ProgressFn = Callable[[str, int, int], None]
@@ -45,50 +51,6 @@ _COPY_BUF: Final = 1 << 20
 _STREAM_BUF: Final = 64 << 10
 _FILE_MODE: Final = 0o644
 _DIR_MODE: Final = 0o755
-
-_isal_error: tuple[type[BaseException], ...] = ()
-try:  # optional: the `fast` extra; its inflater raises its own error class
-    from isal import isal_zlib as _isal_zlib
-
-    _isal_error = (cast("type[BaseException]", _isal_zlib.error),)
-except ImportError:  # pragma: no cover - exercised by the no-extra tox run
-    pass
-
-# What reading a damaged gzip/tar stream can raise. BadGzipFile is an
-# OSError; so is an unreadable disk block, which is just as corrupt to us.
-_DECODE_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    tarfile.TarError,
-    OSError,
-    EOFError,
-    zlib.error,
-    ValueError,
-    OverflowError,
-    *_isal_error,
-)
-
-
-# Not in typeshed, but in tarfile since 3.2.
-_BAD_HEADER: Final[tuple[type[Exception], ...]] = (
-    getattr(tarfile, "InvalidHeaderError"),  # noqa: B009
-    getattr(tarfile, "TruncatedHeaderError"),  # noqa: B009
-)
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """A TarInfo whose bad headers are errors.
-
-    ``TarFile.next`` treats an invalid or truncated header after the first
-    as the end of the archive and stops silently; for a snapshot that would
-    mean a truncated state, so raise instead. An all-zero block (the real
-    end marker) still ends the archive.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> _StrictTarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except _BAD_HEADER as e:
-            raise tarfile.ReadError(f"bad tar header: {e}") from e
 
 
 class _HashingWriter(io.RawIOBase):
@@ -289,89 +251,8 @@ def sha256_file(path: Path) -> bytes:
     return sha.digest()
 
 
-def _member_parts(name: str) -> tuple[str, ...]:
-    """The path components of a member name, ``.`` and empty ones dropped.
-
-    Raises:
-        UnsafeArchiveError: an absolute, drive-qualified, backslashed,
-            control-character or ``..`` name.
-    """
-    if not name:
-        raise UnsafeArchiveError(name, "empty member name")
-    if name.startswith("/"):
-        raise UnsafeArchiveError(name, "absolute path")
-    # "C:x" is drive-relative on Windows only; elsewhere "k:1" is a plain name.
-    if os.name == "nt" and len(name) >= 2 and name[1] == ":":
-        raise UnsafeArchiveError(name, "drive-qualified path")
-    if "\\" in name:
-        raise UnsafeArchiveError(name, "backslash in member name")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
-        raise UnsafeArchiveError(name, "control character in member name")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
-    if ".." in parts:
-        raise UnsafeArchiveError(name, "'..' component")
-    return parts
-
-
-def _member_kind(member: tarfile.TarInfo) -> str:
-    if member.issym():
-        return "symlink"
-    if member.islnk():
-        return "hardlink"
-    if member.ischr():
-        return "chardev"
-    if member.isblk():
-        return "blockdev"
-    if member.isfifo():
-        return "fifo"
-    if member.issparse():
-        return "sparse"
-    if member.isdir():
-        return "dir"
-    if member.isreg():
-        return "file"
-    return "other"
-
-
-def _check_member(member: tarfile.TarInfo) -> tuple[str, ...]:
-    """Refuse anything but a safely named regular file or directory."""
-    kind = _member_kind(member)
-    if kind not in ("file", "dir"):
-        raise UnsafeArchiveError(member.name, f"{kind} members are not allowed")
-    parts = _member_parts(member.name)
-    if not parts and kind == "file":
-        raise UnsafeArchiveError(member.name, "file member with an empty name")
-    return parts
-
-
-@contextlib.contextmanager
-def _decoding(path: Path | str) -> Iterator[None]:
-    """Turn whatever a damaged gzip/tar stream raises into CorruptSnapshotError."""
-    try:
-        yield
-    except CorruptSnapshotError:
-        raise
-    except _DECODE_ERRORS as e:
-        raise CorruptSnapshotError(str(path), f"{type(e).__name__}: {e}") from e
-
-
-def _open_tar(gz: BinaryIO) -> tarfile.TarFile:
-    return tarfile.open(fileobj=gz, mode="r|", bufsize=_STREAM_BUF, tarinfo=_StrictTarInfo)
-
-
-def _next_member(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
-    """The next member or None; tarfile's member list is cleared so memory stays flat."""
-    if cast(Any, tar)._loaded:
-        # Python 3.10's next() after the end (e.g. an empty archive, whose end
-        # TarFile.__init__ already read) seeks backwards: a stream cannot.
-        return None
-    member = tar.next()
-    cast(Any, tar).members.clear()
-    return member
-
-
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while (member := _next_member(tar)) is not None:
+    while (member := next_member(tar)) is not None:
         yield member
 
 
@@ -410,17 +291,16 @@ def verify(path: Path) -> bytes:
     """
     with open(path, "rb") as raw:
         hashing = _HashingReader(cast(BinaryIO, raw))
-        with _decoding(path):
-            gz = gzip_reader(cast(BinaryIO, hashing))
-            tar = _open_tar(gz)
-            for member in _members(tar):
-                try:
-                    _check_member(member)
-                except UnsafeArchiveError as e:
-                    raise CorruptSnapshotError(str(path), str(e)) from e
-            _drain_tail(tar, path)
-            while hashing.read(_COPY_BUF):  # bytes gzip did not need (none, normally)
-                pass
+        try:
+            with decoding(path):
+                tar = open_tar(gzip_reader(cast(BinaryIO, hashing)))
+                for member in _members(tar):
+                    check_member(member)
+                _drain_tail(tar, path)
+                while hashing.read(_COPY_BUF):  # bytes gzip did not need (none, normally)
+                    pass
+        except UnsafeArchiveError as e:  # unsafe headers or members: not a valid snapshot
+            raise CorruptSnapshotError(str(path), str(e)) from e
     return hashing.sha.digest()
 
 
@@ -429,19 +309,21 @@ def list_members(path: Path) -> list[tuple[str, int, str]]:
 
     ``kind`` is one of ``file``, ``dir``, ``symlink``, ``hardlink``,
     ``chardev``, ``blockdev``, ``fifo``, ``sparse``, ``other``. Unsafe
-    members are listed, not refused.
+    members are listed, not refused; headers that declare more than their
+    caps (see ``tarsafe``) and sparse members are refused.
 
     Raises:
         CorruptSnapshotError: the archive is damaged.
+        UnsafeArchiveError: a header declares more than its cap.
         OSError: the file cannot be opened.
 
     Blocking; thread-safe.
     """
     result: list[tuple[str, int, str]] = []
-    with open(path, "rb") as raw, _decoding(path):
-        tar = _open_tar(gzip_reader(cast(BinaryIO, raw)))
+    with open(path, "rb") as raw, decoding(path):
+        tar = open_tar(gzip_reader(cast(BinaryIO, raw)))
         for member in _members(tar):
-            result.append((member.name, member.size, _member_kind(member)))
+            result.append((member.name, member.size, member_kind(member)))
         _drain_tail(tar, path)
     return result
 
@@ -462,7 +344,7 @@ class _Unpacker:
 
     def admit(self, member: tarfile.TarInfo) -> tuple[str, ...]:
         """All checks that need no disk: type, name, duplicates, caps."""
-        parts = _check_member(member)
+        parts = check_member(member)
         self.members += 1
         if self.members > self.max_members:
             raise UnsafeArchiveError(member.name, f"more than {self.max_members} members")
@@ -513,11 +395,11 @@ class _Unpacker:
         self.seen[parts] = False
         with open(fd, "wb", buffering=0) as out:
             os.chmod(path, _FILE_MODE)
-            with _decoding(self.archive):
+            with decoding(self.archive):
                 src = cast(io.BufferedReader, tar.extractfile(member))
             view = memoryview(self.buf)
             while True:
-                with _decoding(self.archive):
+                with decoding(self.archive):
                     n = src.readinto(self.buf)
                 if not n:
                     break
@@ -602,11 +484,11 @@ def unpack_stream(
     if any(dest.iterdir()):
         raise ValueError(f"unpack destination must be empty: {dest}")
     state = _Unpacker(name, dest, max_bytes, max_members)
-    with _decoding(name):
-        tar = _open_tar(gzip_reader(raw, use_isal=use_isal))
+    with decoding(name):
+        tar = open_tar(gzip_reader(raw, use_isal=use_isal))
     while True:
-        with _decoding(name):
-            member = _next_member(tar)
+        with decoding(name):
+            member = next_member(tar)
         if member is None:
             break
         parts = state.admit(member)
@@ -616,6 +498,6 @@ def unpack_stream(
             state.write_file(tar, member, parts)
         if progress is not None:
             progress(raw.tell())
-    with _decoding(name):
+    with decoding(name):
         _drain_tail(tar, name)
     _log.debug("unpacked archive=%s members=%d bytes=%d", name, state.members, state.written)
