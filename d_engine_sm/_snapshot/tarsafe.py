@@ -100,7 +100,7 @@ class StrictTarInfo(tarfile.TarInfo):
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> StrictTarInfo:
         try:
-            return cast(StrictTarInfo, super().fromtarfile(tarfile_))
+            return super().fromtarfile(tarfile_)
         except _BAD_HEADER as e:
             raise tarfile.ReadError(f"bad tar header: {e}") from e
 
