@@ -164,9 +164,26 @@ def test_huge_numbers() -> None:
     assert parse_archive_name("snapshot-" + "1" * 5000 + "-1.tar.gz", "snapshot-") is None
 
 
-def test_leading_zeros_parse_as_digits() -> None:
-    # The contract is <digits>-<digits>; d-engine's u64 parse reads them too.
-    assert parse_archive_name("snapshot-007-01.tar.gz", "snapshot-") == (7, 1)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "snapshot-007-01.tar.gz",
+        "snapshot-010-1.tar.gz",
+        "snapshot-10-01.tar.gz",
+        "snapshot-00-0.tar.gz",
+        "snapshot-0-00.tar.gz",
+        "snapshot--0-1.tar.gz",
+        "snapshot-0" + "0" * 20 + "-1.tar.gz",
+    ],
+)
+def test_leading_zeros_are_not_canonical(name: str) -> None:
+    # load_snapshot_data looks archives up by archive_name(): "010" would be
+    # recovered as index 10 and then never found (one spelling per LogId).
+    assert parse_archive_name(name, "snapshot-") is None
+
+
+def test_zero_is_canonical() -> None:
+    assert parse_archive_name("snapshot-0-0.tar.gz", "snapshot-") == (0, 0)
 
 
 def test_prefix_overlapping_suffix() -> None:
@@ -186,18 +203,21 @@ def test_round_trip_property(prefix: str, index: int, term: int) -> None:
     assert parse_archive_name(archive_name(prefix, index, term), prefix) == (index, term)
 
 
-_PIECES = ["snapshot-", "snap", "-", "0", "1", "42", ".tar", ".gz", "+", " ", "x", "\u0661"]
-_PIECES += [str(U64_MAX), str(U64_MAX + 1)]
+_PIECES = ["snapshot-", "snap", "-", "0", "00", "1", "010", "42", ".tar", ".gz", "+", " ", "_"]
+_PIECES += ["x", "\u0661", "\uff11", str(U64_MAX), str(U64_MAX + 1)]
 
 
 @given(name=st.one_of(st.text(max_size=40), st.lists(st.sampled_from(_PIECES)).map("".join)))
-def test_parse_accepts_exactly_the_grammar(name: str) -> None:
+def test_parse_accepts_exactly_the_canonical_names(name: str) -> None:
+    """parse(name) succeeds iff name == archive_name(*parse(name))."""
     parsed = parse_archive_name(name, "snapshot-")
-    match = re.fullmatch(r"snapshot-([0-9]+)-([0-9]+)\.tar\.gz", name)
+    match = re.fullmatch(r"snapshot-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)\.tar\.gz", name)
     if match is None or max(int(match[1]), int(match[2])) > U64_MAX:
         assert parsed is None
     else:
         assert parsed == (int(match[1]), int(match[2]))
+    if parsed is not None:
+        assert archive_name("snapshot-", *parsed) == name
 
 
 # -- bad arguments --------------------------------------------------------------
@@ -286,3 +306,61 @@ def test_temp_name_rejects_non_simple_parts(kind: str, unique: str) -> None:
 def test_temp_name_type() -> None:
     with pytest.raises(TypeError, match="kind"):
         temp_name(1, "x")  # type: ignore[arg-type]
+
+
+# -- every path that scans a directory ignores non-canonical names alike -----------
+
+
+_NON_CANONICAL = [
+    "snapshot-010-1.tar.gz",
+    "snapshot-+10-1.tar.gz",
+    "snapshot- 10-1.tar.gz",
+    "snapshot-1_0-1.tar.gz",
+    "snapshot-\u0661\u0660-1.tar.gz",
+    "snapshot--0-1.tar.gz",
+    "snapshot-10-01.tar.gz",
+]
+
+
+def test_non_canonical_names_are_ignored_by_every_scan(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import puts
+
+    from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler
+
+    snaps = tmp_path / "snaps"
+    config = SnapshotConfig(snapshots_dir=snaps, cleanup_retain_count=1, fsync=False)
+    with StateMachineHandler(MemoryStateMachine(), config) as h:
+        h.apply_chunk(puts(1, 5))
+        meta, path = h.create_snapshot()
+    good = path.read_bytes()
+    # Valid archives with newer-looking non-canonical names.
+    for name in _NON_CANONICAL:
+        (snaps / name).write_bytes(good)
+    before = sorted(p.name for p in snaps.iterdir())
+
+    with StateMachineHandler(MemoryStateMachine(), config) as h:  # start-up recovery
+        latest = h.get_latest_snapshot_metadata()
+        assert latest is not None and latest.last_included.index == 5
+        assert sum(len(c.data) for c in h.load_snapshot_data(latest)) == len(good)
+        assert h.cleanup_snapshot(1) == []  # prune never touches them either
+    assert sorted(p.name for p in snaps.iterdir()) == before  # nothing moved or removed
+
+    def cli(*argv: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "d_engine_sm", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return out.stdout
+
+    listing = cli("snapshot", "list", str(snaps))
+    verified = cli("snapshot", "verify", str(snaps))
+    assert "1 archive(s)" in listing and "1 archive(s) verified" in verified
+    for name in _NON_CANONICAL:
+        assert f"other     {name}" in listing
+        assert name not in verified

@@ -13,6 +13,13 @@ prefix is stripped by its real length and the rest must be exactly
 'snap-12345678-3.tar.gz'
 >>> parse_archive_name("snap-12345678-3.tar.gz", "snap-")
 (12345678, 3)
+>>> parse_archive_name("snap-012345678-3.tar.gz", "snap-") is None
+True
+
+Every path that scans a directory (the store's listing, hence recovery,
+pruning and the latest metadata; the CLI's ``list`` and ``verify``) goes
+through :func:`parse_archive_name`, so a non-canonical name is ignored
+everywhere alike: never recovered, served, pruned or verified.
 """
 
 from __future__ import annotations
@@ -95,9 +102,12 @@ def archive_name(prefix: str, index: int, term: int) -> str:
 def parse_archive_name(name: str, prefix: str) -> tuple[int, int] | None:
     """``(index, term)`` of an archive file name, or None if it is not one.
 
-    Only ``<prefix><digits>-<digits>.tar.gz`` parses: ASCII digits, no sign,
-    no extra ``-`` segments, each number within uint64. The prefix may
-    contain digits and dashes itself; it is stripped by its exact length.
+    Only the canonical spelling parses, exactly what :func:`archive_name`
+    writes: ``<prefix><digits>-<digits>.tar.gz`` with ASCII digits, no sign,
+    no leading zeros (``0`` itself is fine), no spaces or ``_``, no extra
+    ``-`` segments, each number within uint64. So ``parse`` succeeds iff
+    ``name == archive_name(prefix, *parsed)``. The prefix may contain digits
+    and dashes itself; it is stripped by its exact length.
 
     Args:
         name: a directory entry's name (not a path).
@@ -127,6 +137,10 @@ def parse_archive_name(name: str, prefix: str) -> tuple[int, int] | None:
         return None
     index, term = int(digits_index), int(digits_term)
     if index > _U64_MAX or term > _U64_MAX:
+        return None
+    # One spelling per LogId: "010" or "0010" would name the archive that
+    # load_snapshot_data looks up as "10", so they are not archive names.
+    if str(index) != digits_index or str(term) != digits_term:
         return None
     return index, term
 
