@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import re
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import puts
+
+from d_engine_sm import MemoryStateMachine, StateMachineHandler
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._snapshot.naming import (
     ARCHIVE_SUFFIX,
@@ -323,18 +329,11 @@ _NON_CANONICAL = [
 
 
 def test_non_canonical_names_are_ignored_by_every_scan(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from conftest import puts
-
-    from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler
-
     snaps = tmp_path / "snaps"
     config = SnapshotConfig(snapshots_dir=snaps, cleanup_retain_count=1, fsync=False)
     with StateMachineHandler(MemoryStateMachine(), config) as h:
         h.apply_chunk(puts(1, 5))
-        meta, path = h.create_snapshot()
+        _, path = h.create_snapshot()
     good = path.read_bytes()
     # Valid archives with newer-looking non-canonical names.
     for name in _NON_CANONICAL:
