@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import puts
 from hypothesis import given
 from hypothesis import strategies as st
-
-from conftest import puts
 
 from d_engine_sm import MemoryStateMachine, StateMachineHandler
 from d_engine_sm._config import SnapshotConfig
