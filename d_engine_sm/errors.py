@@ -163,6 +163,21 @@ class UnsafeArchiveError(SnapshotError):
         self.reason = reason
 
 
+class ReadOnlySnapshotDir(SnapshotError):
+    """A snapshot writer (create, install, cleanup) met a read-only snapshots directory.
+
+    Reading, listing, verifying and sending still work on such a directory.
+    """
+
+    def __init__(self, path: str, detail: str = "read-only") -> None:
+        super().__init__(
+            f"snapshots directory {path} is read-only ({detail}): "
+            "create, install and cleanup need to write it"
+        )
+        self.path = path
+        self.detail = detail
+
+
 __all__ = [
     "ApplyError",
     "ApplyOrderError",
@@ -172,6 +187,7 @@ __all__ = [
     "DEngineError",
     "HandlerClosed",
     "InsufficientSpace",
+    "ReadOnlySnapshotDir",
     "SnapshotError",
     "SnapshotInProgress",
     "SnapshotNotFound",

@@ -43,6 +43,7 @@ from d_engine_sm.errors import (
     ChunkOutOfRange,
     DEngineError,
     InsufficientSpace,
+    ReadOnlySnapshotDir,
     SnapshotError,
     SnapshotInProgress,
     SnapshotNotFound,
@@ -103,16 +104,26 @@ class SnapshotManager:
 
     # -- start-up ----------------------------------------------------------
     def _recover(self) -> SnapshotMetadata | None:
-        """Find the newest valid archive; tidy the directory when we may write."""
-        if not self._store.directory.is_dir():
+        """Find the newest valid archive; tidy the directory only when we may write.
+
+        Tidying (removing leftovers, moving corrupt archives aside) needs a
+        writable directory and the writer lock. Otherwise, read-only mount or
+        another process writing (its temp files are live), look, don't touch.
+        """
+        store = self._store
+        if not store.directory.is_dir():
             return None
-        try:
-            with self._store.writer_lock():
-                found = self._store.recover()
-        except SnapshotInProgress:
-            # Another process is writing: its temp files are live. Look, don't touch.
-            _log.info("recover skipped (dir locked) dir=%s", self._store.directory)
-            found = _peek_latest(self._store)
+        found: tuple[ArchiveInfo, bytes] | None
+        if not store.is_writable():
+            _log.info("recover without tidying (read-only) dir=%s", store.directory)
+            found = store.recover(tidy=False)
+        else:
+            try:
+                with store.writer_lock():
+                    found = store.recover()
+            except (SnapshotInProgress, ReadOnlySnapshotDir) as exc:
+                _log.info("recover without tidying dir=%s reason=%s", store.directory, exc)
+                found = store.recover(tidy=False)
         if found is None:
             return None
         info, digest = found
@@ -144,8 +155,7 @@ class SnapshotManager:
         stack = ExitStack()
         stack.callback(self._guard.release)
         try:
-            self._store.ensure_dir()
-            stack.enter_context(self._store.writer_lock())
+            stack.enter_context(self._store.writer_lock())  # creates the directory
         except BaseException:
             stack.close()
             raise
@@ -392,7 +402,7 @@ class SnapshotManager:
         started = time.perf_counter()
         try:
             exclusive = self._exclusive()
-        except SnapshotInProgress:
+        except SnapshotError:  # in progress, or a read-only directory
             _send(ack, _ack(0, storage_pb2.SnapshotAck.FAILED, 0))
             self._metrics.incr("snapshot_receive_errors")
             raise
@@ -579,16 +589,6 @@ def _translate(abort: ReceiveAbort, last_applied: int) -> SnapshotTransferError:
     if abort.stale:
         return StaleSnapshotError(abort.snapshot_index, last_applied)
     return SnapshotTransferError(abort.reason, seq=abort.seq, status=abort.status)
-
-
-def _peek_latest(store: SnapshotStore) -> tuple[ArchiveInfo, bytes] | None:
-    """Newest archive and its SHA-256 without writing (another process may be pruning)."""
-    for info in reversed(store.list_archives()):
-        try:
-            return info, archive.sha256_file(info.path)
-        except FileNotFoundError:
-            continue
-    return None
 
 
 def _tree_size(root: Path) -> int:

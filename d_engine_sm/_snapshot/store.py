@@ -22,6 +22,7 @@ an archive someone is reading.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -49,12 +50,15 @@ from d_engine_sm._snapshot.naming import (
 from d_engine_sm.errors import (
     CorruptSnapshotError,
     InsufficientSpace,
+    ReadOnlySnapshotDir,
     SnapshotInProgress,
     SnapshotNotFound,
 )
 
 _log = logging.getLogger("d_engine_sm.snapshot")
 _EXCLUSIVE_NOW: Final = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+# What creating a file says on a read-only mount or a directory we may not write.
+_READ_ONLY_ERRNOS: Final = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @dataclass(frozen=True, order=True)
@@ -149,6 +153,13 @@ class SnapshotStore:
             self.fs.announce("ensure_dir:mkdir")
             self.fs.mkdir(self.directory)
 
+    def is_writable(self) -> bool:
+        """Whether this process may create files in the directory (False if missing).
+
+        ``os.access`` answers for read-only mounts even as root (``EROFS``).
+        """
+        return self.directory.is_dir() and os.access(self.directory, os.W_OK | os.X_OK)
+
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
         """Hold ``<dir>/.lock`` for one write operation (create, install, cleanup).
@@ -158,18 +169,24 @@ class SnapshotStore:
 
         Raises:
             SnapshotInProgress: someone else holds the lock.
+            ReadOnlySnapshotDir: the directory (or its lock file) cannot be
+                created or written.
         """
-        self.ensure_dir()
         lock_path = self.directory / LOCK_NAME
         # A fresh lock object per operation: filelock is re-entrant per
         # object, and a second thread must be refused, not let in.
         lock = filelock.FileLock(str(lock_path))
         try:
+            self.ensure_dir()
             lock.acquire(timeout=0)
         except filelock.Timeout as e:
             raise SnapshotInProgress(
                 f"another snapshot writer holds {lock_path} (create, install or cleanup)"
             ) from e
+        except OSError as e:
+            if e.errno not in _READ_ONLY_ERRNOS:
+                raise
+            raise ReadOnlySnapshotDir(str(self.directory), e.strerror or str(e)) from e
         try:
             yield
         finally:
@@ -399,7 +416,7 @@ class SnapshotStore:
     # -- start-up recovery --------------------------------------------------
 
     def recover(
-        self, verify: Callable[[Path], bytes] = archive.verify
+        self, verify: Callable[[Path], bytes] = archive.verify, *, tidy: bool = True
     ) -> tuple[ArchiveInfo, bytes] | None:
         """Bring the directory back to a clean state after a crash.
 
@@ -409,9 +426,14 @@ class SnapshotStore:
         archives than the one returned are not checked. Run under
         :meth:`writer_lock` or before anything else uses the directory.
 
+        With ``tidy=False`` nothing is removed or moved: corrupt archives are
+        only skipped. For a read-only directory, or one another process is
+        writing (its ``temp-…`` files are live).
+
         Args:
             verify: integrity check returning the file's SHA-256, raising
                 CorruptSnapshotError.
+            tidy: remove leftovers and move corrupt archives aside.
 
         Returns:
             ``(newest valid archive, its SHA-256)``, or None. None also
@@ -423,7 +445,8 @@ class SnapshotStore:
         """
         if not self.directory.is_dir():
             return None
-        self._remove_temps()
+        if tidy:
+            self._remove_temps()
         result: tuple[ArchiveInfo, bytes] | None = None
         for info in reversed(self.list_archives()):
             try:
@@ -431,11 +454,15 @@ class SnapshotStore:
             except FileNotFoundError:
                 continue
             except CorruptSnapshotError as e:
-                self._quarantine(info, e)
+                if tidy:
+                    self._quarantine(info, e)
+                else:
+                    _log.warning("skipping corrupt archive path=%s reason=%s", info.path, e.reason)
                 continue
             result = (info, digest)
             break
-        self._trim_broken()
+        if tidy:
+            self._trim_broken()
         return result
 
     def _remove_temps(self) -> None:
