@@ -62,6 +62,9 @@ class MemoryStateMachine(StateMachine):
         clock: wall-clock seconds used to stamp and check TTL expiry.
     """
 
+    snapshot_format = "d_engine_sm.memory"  # kv.bin, see _kvfile
+    snapshot_format_version = 1
+
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._ops = _DictOps({}, {})

@@ -190,6 +190,9 @@ class SqliteStateMachine(Closing, StateMachine):
         ValueError: bad ``durability``, or ``path`` holds another database.
     """
 
+    snapshot_format = "d_engine_sm.sqlite"  # state.sqlite3, see SCHEMA_VERSION
+    snapshot_format_version = SCHEMA_VERSION
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from d_engine_sm._values import ApplyResult, LogId
 from d_engine_sm.proto import common_pb2, storage_pb2
@@ -25,6 +26,15 @@ class StateMachine(abc.ABC):
       with applies and must write exactly the state captured by
       ``prepare_snapshot``.
     """
+
+    snapshot_format: ClassVar[str | None] = None
+    """Name of the data ``generate_snapshot_data`` writes and
+    ``apply_snapshot_from_file`` reads, recorded in each archive's manifest.
+    A receiver whose state machine declares another name refuses the
+    snapshot at its first chunk. None (the default): undeclared, not checked."""
+
+    snapshot_format_version: ClassVar[int] = 1
+    """Version of ``snapshot_format``; a receiver refuses a newer one than its own."""
 
     # -- lifecycle -------------------------------------------------------
     @abc.abstractmethod
@@ -114,3 +124,12 @@ class StateMachine(abc.ABC):
 def overrides_prepare(sm: StateMachine) -> bool:
     """True when ``sm`` supplies its own point-in-time capture."""
     return type(sm).prepare_snapshot is not StateMachine.prepare_snapshot
+
+
+def declared_format(sm: StateMachine) -> tuple[str, int] | None:
+    """``(snapshot_format, snapshot_format_version)``, or None when undeclared."""
+    name = getattr(sm, "snapshot_format", None)
+    version = getattr(sm, "snapshot_format_version", 1)
+    if not isinstance(name, str) or isinstance(version, bool) or not isinstance(version, int):
+        return None
+    return name, version

@@ -178,6 +178,23 @@ class ReadOnlySnapshotDir(SnapshotError):
         self.detail = detail
 
 
+class SnapshotFormatMismatch(SnapshotTransferError):
+    """The snapshot's manifest names a format this node's state machine cannot install.
+
+    Raised as soon as the manifest arrives (the first chunk, normally), before
+    anything is unpacked; ``expected`` and ``got`` name the two formats.
+    """
+
+    def __init__(self, expected: str, got: str, *, seq: int = 0) -> None:
+        reason = (
+            f"snapshot format {got} cannot be installed by this state machine, "
+            f"which reads {expected}"
+        )
+        super().__init__(reason, seq=seq, status="FAILED")
+        self.expected = expected
+        self.got = got
+
+
 __all__ = [
     "ApplyError",
     "ApplyOrderError",
@@ -189,6 +206,7 @@ __all__ = [
     "InsufficientSpace",
     "ReadOnlySnapshotDir",
     "SnapshotError",
+    "SnapshotFormatMismatch",
     "SnapshotInProgress",
     "SnapshotNotFound",
     "SnapshotTransferError",

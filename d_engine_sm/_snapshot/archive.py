@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, Final, cast
 
 from d_engine_sm._compress import HAVE_ISAL, gzip_reader, gzip_writer
+from d_engine_sm._snapshot.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from d_engine_sm._snapshot.tarsafe import (
     check_member,
     decoding,
@@ -171,6 +172,7 @@ def pack(
     level: int = 1,
     progress: ProgressFn | None = None,
     use_isal: bool = HAVE_ISAL,
+    manifest: Manifest | None = None,
 ) -> tuple[bytes, int]:
     """Write the contents of ``src_dir`` to ``out`` as a gzip'd tar.
 
@@ -186,6 +188,8 @@ def pack(
         progress: called with ``("pack", done, total)``, total being the sum
             of the file sizes.
         use_isal: compress through ISA-L (when installed) or zlib.
+        manifest: written as the first member (``MANIFEST.d-engine-sm.json``)
+            when given; without it the archive is what older versions wrote.
 
     Returns:
         ``(sha256 digest of the bytes written, number of bytes written)``.
@@ -214,6 +218,8 @@ def pack(
         with tarfile.TarFile(
             fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BUF
         ) as tar:
+            if manifest is not None:
+                _add_manifest(tar, manifest)
             for entry in entries:
                 info = _tarinfo(entry)
                 if entry.is_dir:
@@ -232,6 +238,45 @@ def pack(
     if progress is not None and total == 0:
         progress("pack", 0, 0)
     return hashing.sha.digest(), hashing.count
+
+
+def _add_manifest(tar: tarfile.TarFile, manifest: Manifest) -> None:
+    data = manifest.to_bytes()
+    info = _tarinfo(_Entry(MANIFEST_NAME, Path(MANIFEST_NAME), False, len(data), 0))
+    tar.addfile(info, io.BytesIO(data))
+
+
+def read_manifest(path: Path) -> Manifest | None:
+    """The manifest of an archive, or None when its first member is not one.
+
+    Reads one tar header and at most 4 KiB of data (bounded whatever the
+    file holds); the rest of the archive is not checked (see :func:`verify`).
+
+    Raises:
+        CorruptSnapshotError: the archive cannot be read, or its manifest is
+            malformed.
+        OSError: the file cannot be opened.
+
+    Blocking; thread-safe.
+    """
+    with open(path, "rb") as raw:
+        try:
+            with decoding(path):
+                tar = open_tar(gzip_reader(cast(BinaryIO, raw)))
+                member = next_member(tar)
+                if member is None or member.name != MANIFEST_NAME or not member.isreg():
+                    return None
+                return _manifest_of(tar, member, str(path))
+        except UnsafeArchiveError as e:
+            raise CorruptSnapshotError(str(path), str(e)) from e
+
+
+def _manifest_of(tar: tarfile.TarFile, member: tarfile.TarInfo, source: str) -> Manifest:
+    if member.size > MAX_MANIFEST_BYTES:
+        raise CorruptSnapshotError(source, f"{MANIFEST_NAME} declares {member.size} bytes")
+    src = tar.extractfile(member)
+    assert src is not None  # a regular file
+    return Manifest.from_bytes(src.read(), source)
 
 
 def sha256_file(path: Path) -> bytes:
@@ -424,7 +469,8 @@ def safe_unpack(
     """Stream-extract ``archive`` into the existing empty directory ``dest``.
 
     Only regular files (mode 0o644) and directories (0o755) are created;
-    owners, modes and times in the archive are ignored. On failure ``dest``
+    owners, modes and times in the archive are ignored. A manifest as the
+    first member is checked (strictly parsed) but not written to ``dest``. On failure ``dest``
     may hold a partial tree (the caller owns and removes it); nothing is
     ever written outside it.
 
@@ -486,11 +532,18 @@ def unpack_stream(
     state = _Unpacker(name, dest, max_bytes, max_members)
     with decoding(name):
         tar = open_tar(gzip_reader(raw, use_isal=use_isal))
+    first = True
     while True:
         with decoding(name):
             member = next_member(tar)
         if member is None:
             break
+        if first and member.name == MANIFEST_NAME and member.isreg():
+            first = False
+            with decoding(name):  # says what the archive holds; not part of the state
+                _manifest_of(tar, member, name)
+            continue
+        first = False
         parts = state.admit(member)
         if member.isdir():
             state.make_dir(parts, member.name)

@@ -26,6 +26,7 @@ from d_engine_sm._fs import FileOps
 from d_engine_sm._metrics import Metrics
 from d_engine_sm._policy import SnapshotPolicy
 from d_engine_sm._snapshot import archive, chunks
+from d_engine_sm._snapshot.manifest import new_manifest
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
 from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotStore
 from d_engine_sm._snapshot.streams import (
@@ -37,7 +38,7 @@ from d_engine_sm._snapshot.streams import (
     StreamingUnpack,
     report,
 )
-from d_engine_sm._state_machine import StateMachine, overrides_prepare
+from d_engine_sm._state_machine import StateMachine, declared_format, overrides_prepare
 from d_engine_sm._values import LogId
 from d_engine_sm.errors import (
     ChunkOutOfRange,
@@ -185,14 +186,15 @@ class SnapshotManager:
         try:
             self._fs.announce("create:work_dir")
             self._fs.mkdir(work_dir)
-            last_included = self._capture(work_dir)
-            if isinstance(last_included, ArchiveInfo):  # already snapshotted at this LogId
-                existing = self._existing(last_included)
+            captured = self._capture(work_dir)
+            if isinstance(captured, ArchiveInfo):  # already snapshotted at this LogId
+                existing = self._existing(captured)
                 # Record it too: a create that failed after its rename (say, the
                 # directory fsync) published this archive without recording it.
                 self._record(existing)
-                return existing, last_included.path
-            meta, final = self._pack_and_publish(work_dir, last_included, progress)
+                return existing, captured.path
+            last_included, keys = captured
+            meta, final = self._pack_and_publish(work_dir, last_included, keys, progress)
         finally:
             store.remove_quietly(work_dir)
         self._record(meta)
@@ -206,8 +208,9 @@ class SnapshotManager:
         )
         return meta, final
 
-    def _capture(self, work_dir: Path) -> LogId | ArchiveInfo:
-        """Write the state into ``work_dir``; returns the exact LogId it reflects.
+    def _capture(self, work_dir: Path) -> tuple[LogId, int | None] | ArchiveInfo:
+        """Write the state into ``work_dir``; returns the exact LogId it reflects
+        and the number of keys at it (for the manifest).
 
         Applies are paused while the LogId is read and the state captured, so
         the data is exactly the state at that LogId. With a ``prepare_snapshot``
@@ -223,6 +226,7 @@ class SnapshotManager:
             existing = self._store.find(last_included.index, last_included.term)
             if existing is not None:
                 return existing
+            keys = _count_keys(self._sm)  # paused: the state prepare/generate capture
             if two_phase:
                 try:
                     self._sm.prepare_snapshot()
@@ -238,7 +242,7 @@ class SnapshotManager:
         finally:
             if paused:
                 self._pause.release()
-        return last_included
+        return last_included, keys
 
     def _existing(self, info: ArchiveInfo) -> SnapshotMetadata:
         latest = self.latest_metadata()
@@ -248,10 +252,11 @@ class SnapshotManager:
         return _metadata(info.index, info.term, archive.sha256_file(info.path))
 
     def _pack_and_publish(
-        self, work_dir: Path, last_included: LogId, progress: ProgressFn | None
+        self, work_dir: Path, last_included: LogId, keys: int | None, progress: ProgressFn | None
     ) -> tuple[SnapshotMetadata, Path]:
         store = self._store
         generated = _tree_size(work_dir)
+        manifest = new_manifest(self._sm, keys, generated)
         report(progress, "generate", generated, generated)
         needed = generated + _SPACE_MARGIN
         store.check_space(needed)
@@ -259,7 +264,11 @@ class SnapshotManager:
             with store.temp_archive("create") as (temp, out):
                 self._fs.announce("create:pack")
                 digest, _size = archive.pack(
-                    work_dir, out, level=self._config.compression_level, progress=progress
+                    work_dir,
+                    out,
+                    level=self._config.compression_level,
+                    progress=progress,
+                    manifest=manifest,
                 )
             try:
                 final = store.publish(temp, last_included.index, last_included.term)
@@ -438,7 +447,7 @@ class SnapshotManager:
             hasher = hashlib.sha256()
             unpack_dir = store.new_temp_path("unpack")
             cleanup.callback(_remove_if_there, store, unpack_dir)
-            unpacker = StreamingUnpack(unpack_dir, config)
+            unpacker = StreamingUnpack(unpack_dir, config, declared_format(self._sm))
             cleanup.callback(unpacker.abort)
             try:
                 for chunk in pump:
@@ -589,6 +598,13 @@ def _translate(abort: ReceiveAbort, last_applied: int) -> SnapshotTransferError:
     if abort.stale:
         return StaleSnapshotError(abort.snapshot_index, last_applied)
     return SnapshotTransferError(abort.reason, seq=abort.seq, status=abort.status)
+
+
+def _count_keys(sm: StateMachine) -> int | None:
+    try:
+        return len(sm)
+    except Exception:  # a manifest without a key count is still a manifest
+        return None
 
 
 def _tree_size(root: Path) -> int:

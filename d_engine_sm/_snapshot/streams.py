@@ -23,7 +23,7 @@ from typing import BinaryIO, Final, cast
 from d_engine_sm._closing import Closing
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._metrics import Metrics
-from d_engine_sm._snapshot import archive, chunks
+from d_engine_sm._snapshot import archive, chunks, manifest
 from d_engine_sm._snapshot.pipe import BytePipe
 from d_engine_sm._snapshot.store import SnapshotReader
 from d_engine_sm.proto import storage_pb2
@@ -61,11 +61,21 @@ class StreamingUnpack:
     disk) are kept and raised by ``finish``, after the transfer's checks
     (count, SHA-256), so errors are reported in the same order as when
     unpacking followed the transfer. Nothing is installed before ``finish``.
+
+    The manifest is the exception: ``feed`` reads it in the receiving thread
+    as soon as its bytes arrive and raises at once when this node cannot
+    install the snapshot (another format, or more unpacked bytes than the cap).
     """
 
-    def __init__(self, dest: Path, config: SnapshotConfig) -> None:
+    def __init__(
+        self, dest: Path, config: SnapshotConfig, expected_format: tuple[str, int] | None = None
+    ) -> None:
         self._dest = dest
         self._config = config
+        self._expected = expected_format
+        self._sniffer: manifest.ManifestSniffer | None = manifest.ManifestSniffer(
+            f"received archive ({dest.name})"
+        )
         self._pipe = BytePipe(UNPACK_BUFFER)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -89,6 +99,22 @@ class StreamingUnpack:
             self._pipe.stop_reader()  # a writer blocked on a full pipe moves on
 
     def feed(self, data: bytes) -> None:
+        """Hand bytes to the unpacker.
+
+        Raises:
+            SnapshotFormatMismatch: the manifest names a format we cannot install.
+            UnsafeArchiveError: the manifest declares more than the unpack cap.
+            CorruptSnapshotError: the manifest is malformed.
+        """
+        sniffer = self._sniffer
+        if sniffer is not None:
+            sniffer.feed(data)
+            if sniffer.done:
+                self._sniffer = None
+                if sniffer.manifest is not None:
+                    manifest.check(
+                        sniffer.manifest, self._expected, self._config.max_unpacked_bytes
+                    )
         self._pipe.put(data)  # False once the reader stopped: its error waits for finish()
 
     def finish(self) -> None:
