@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 from d_engine_sm import _kv, _kvfile
 from d_engine_sm._state_machine import StateMachine
@@ -62,7 +62,7 @@ class MemoryStateMachine(StateMachine):
         clock: wall-clock seconds used to stamp and check TTL expiry.
     """
 
-    snapshot_format = "d_engine_sm.memory"  # kv.bin, see _kvfile
+    snapshot_format: ClassVar[str | None] = "d_engine_sm.memory"  # kv.bin, see _kvfile
     snapshot_format_version = 1
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:

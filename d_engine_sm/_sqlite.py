@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 from d_engine_sm import _kv
 from d_engine_sm._closing import Closing
@@ -190,7 +190,7 @@ class SqliteStateMachine(Closing, StateMachine):
         ValueError: bad ``durability``, or ``path`` holds another database.
     """
 
-    snapshot_format = "d_engine_sm.sqlite"  # state.sqlite3, see SCHEMA_VERSION
+    snapshot_format: ClassVar[str | None] = "d_engine_sm.sqlite"  # the database file
     snapshot_format_version = SCHEMA_VERSION
 
     def __init__(

@@ -90,6 +90,8 @@ def main() -> None:
             dest = work / "dest"
             dest.mkdir()
             archive.safe_unpack(path, dest, max_bytes=CAP, max_members=1000)
+        elif op == "manifest":
+            archive.read_manifest(path)
         elif op == "receive":
             _receive(path, work, acks)
         elif op == "startup":
