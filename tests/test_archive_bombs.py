@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from d_engine_sm._snapshot import archive, tarsafe
-from d_engine_sm.errors import CorruptSnapshotError, UnsafeArchiveError
+from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler
+from d_engine_sm._fs import FileOps
+from d_engine_sm._snapshot import archive, chunks, tarsafe
+from d_engine_sm.errors import CorruptSnapshotError, SnapshotTransferError, UnsafeArchiveError
+from d_engine_sm.proto import common_pb2, storage_pb2
 
 CHILD = Path(__file__).with_name("bomb_child.py")
 MiB = 1 << 20
@@ -342,3 +345,35 @@ def _run_measured(argv: list[str]) -> tuple[int, int, str]:
 
 def _peak_of(argv: list[str]) -> int:
     return _run_measured(argv)[1]
+
+
+def test_out_of_memory_while_receiving_ends_with_failed_ack(tmp_path: Path) -> None:
+    """Memory exhausted anywhere on the receive path: FAILED ack, a library error."""
+
+    class Exhausted(FileOps):
+        def announce(self, step: str) -> None:
+            if step == "receive:chunk":
+                raise MemoryError
+
+    data = b"\x1f\x8b" + bytes(2000)
+    meta = storage_pb2.SnapshotMetadata(last_included=common_pb2.LogId(index=5, term=1))
+    stream = [
+        chunks.make_chunk(
+            seq=i,
+            total=2,
+            data=data[i * 1000 : (i + 1) * 1000],
+            leader_term=1,
+            leader_id=2,
+            metadata=meta if i == 0 else None,
+        )
+        for i in range(2)
+    ]
+    acks: list[storage_pb2.SnapshotAck] = []
+    snaps = tmp_path / "snaps"
+    config = SnapshotConfig(snapshots_dir=snaps, fsync=False)
+    with StateMachineHandler(MemoryStateMachine(), config, file_ops=Exhausted()) as h:
+        with pytest.raises(SnapshotTransferError, match="out of memory"):
+            h.apply_snapshot_stream_from_leader(1, stream, acks.append)
+        assert h.last_applied() == 0
+    assert acks[-1].status == storage_pb2.SnapshotAck.FAILED
+    assert [p.name for p in snaps.iterdir() if p.name != ".lock"] == []

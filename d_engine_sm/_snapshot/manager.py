@@ -482,10 +482,12 @@ class SnapshotManager:
                 if timed_out.ack is not None:
                     _send(ack, timed_out.ack)
                 raise _translate(timed_out, last_applied) from None
-            except (DEngineError, OSError, StreamError, TypeError) as exc:
-                failed = rx.fail(str(exc))
+            except (DEngineError, OSError, StreamError, TypeError, MemoryError) as exc:
+                failed = rx.fail(str(exc) or type(exc).__name__)
                 if failed.ack is not None:
                     _send(ack, failed.ack)
+                if isinstance(exc, MemoryError):  # still a final ack and a library error
+                    raise SnapshotTransferError("out of memory", seq=rx.received) from exc
                 if isinstance(exc, OSError):
                     raise self._disk_error(exc, rx.expected_bytes, "receiving snapshot") from exc
                 if isinstance(exc, StreamError):
