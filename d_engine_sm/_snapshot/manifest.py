@@ -119,6 +119,22 @@ def describe(manifest: Manifest | None) -> list[str]:
     ]
 
 
+def summary(manifest: Manifest | None) -> str:
+    """One short cell for a listing (``snapshot list``).
+
+    >>> summary(Manifest("d_engine_sm.sqlite", 1, 12, 4096, "0.1.0"))
+    'd_engine_sm.sqlite v1, 12 keys'
+    >>> summary(None)
+    '-'
+    """
+    if manifest is None:
+        return "-"
+    fmt = "undeclared" if manifest.format is None else manifest.format
+    if manifest.format is not None and manifest.format_version is not None:
+        fmt += f" v{manifest.format_version}"
+    return fmt if manifest.keys is None else f"{fmt}, {manifest.keys} keys"
+
+
 def check(
     manifest: Manifest,
     expected: tuple[str, int] | None,
