@@ -108,8 +108,9 @@ class SnapshotManager:
         """Find the newest valid archive; tidy the directory only when we may write.
 
         Tidying (removing leftovers, moving corrupt archives aside) needs a
-        writable directory and the writer lock. Otherwise, read-only mount or
-        another process writing (its temp files are live), look, don't touch.
+        writable directory and the writer lock. On a read-only directory, or
+        while another process writes (its temp files are live), only look:
+        verify newest first, skip what fails, change nothing.
         """
         store = self._store
         if not store.directory.is_dir():
