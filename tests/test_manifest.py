@@ -258,6 +258,8 @@ def test_malformed_manifests_are_refused(tmp_path: Path, case: str) -> None:
     path = _archive_with_manifest(tmp_path, BAD_MANIFESTS[case])
     with pytest.raises(CorruptSnapshotError, match="MANIFEST"):
         archive.read_manifest(path)
+    with pytest.raises(CorruptSnapshotError, match="MANIFEST"):
+        archive.verify(path)  # so start-up recovery never keeps one as the latest
     with pytest.raises(CorruptSnapshotError):
         archive.safe_unpack(path, _fresh(tmp_path / "d"), max_bytes=1 << 20, max_members=9)
     acks: list[storage_pb2.SnapshotAck] = []

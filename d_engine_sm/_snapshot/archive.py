@@ -319,7 +319,7 @@ def verify(path: Path) -> bytes:
     One pass over the file: the bytes are hashed as they are decompressed;
     the gzip CRC and length trailer are checked; every tar header must be
     valid up to the end marker; no member may be unsafe (see
-    :func:`safe_unpack`).
+    :func:`safe_unpack`); a manifest, when first, must parse.
 
     Args:
         path: the archive.
@@ -339,8 +339,10 @@ def verify(path: Path) -> bytes:
         try:
             with decoding(path):
                 tar = open_tar(gzip_reader(cast(BinaryIO, hashing)))
-                for member in _members(tar):
+                for i, member in enumerate(_members(tar)):
                     check_member(member)
+                    if i == 0 and member.name == MANIFEST_NAME and member.isreg():
+                        _manifest_of(tar, member, str(path))  # installs would refuse a bad one
                 _drain_tail(tar, path)
                 while hashing.read(_COPY_BUF):  # bytes gzip did not need (none, normally)
                     pass
