@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -381,3 +383,39 @@ def test_out_of_memory_while_receiving_ends_with_failed_ack(tmp_path: Path) -> N
         assert h.last_applied() == 0
     assert acks[-1].status == storage_pb2.SnapshotAck.FAILED
     assert [p.name for p in snaps.iterdir() if p.name != ".lock"] == []
+
+
+# -- the class: any header type with any declared size ----------------------------------
+_TYPES = b"0123456789ALKSVMNgxXDIEZ\0"
+_SIZES = [0, 1, 513, 16 * MiB, 8**11 - 1]
+_BEHIND = 12 * MiB  # an uncapped reader of a 16 MiB header holds all of it
+
+
+@pytest.mark.parametrize("kind", [bytes([t]) for t in _TYPES], ids=lambda k: repr(k)[2:-1])
+def test_any_header_type_with_any_size_is_bounded(kind: bytes, tmp_path: Path) -> None:
+    """Whatever the type byte and declared size, every reader stays small and
+    ends in a library error or a clean result (never another exception)."""
+    for size in _SIZES:
+        behind = zeros(_BEHIND if size > _BEHIND else MiB)
+        path = write_gz(
+            tmp_path / "h.tar.gz", [header("kv.bin", kind, size), *behind, *regular("x", b"x"), END]
+        )
+        tracemalloc.start()
+        try:
+            for op in ("verify", "list", "unpack"):
+                dest = tmp_path / f"d-{op}"
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.mkdir()
+                try:
+                    if op == "verify":
+                        archive.verify(path)
+                    elif op == "list":
+                        archive.list_members(path)
+                    else:
+                        archive.safe_unpack(path, dest, max_bytes=4 * MiB, max_members=10)
+                except (CorruptSnapshotError, UnsafeArchiveError):
+                    pass
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * MiB, (kind, size, peak // MiB)
