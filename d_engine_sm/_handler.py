@@ -68,6 +68,13 @@ class StateMachineHandler(Closing):
             config.snapshot_cool_down_since_last_check)``.
         last_applied_index: overrides the state machine's own applied index.
         file_ops: the disk seam (tests inject faults through it).
+
+    Start-up: a state behind the newest archive in ``snapshots_dir`` (a state
+    machine that keeps nothing across restarts, or a durable one that lost
+    its last commits) is *reported, not repaired*: a log line (warning when
+    the state is not empty) and :attr:`state_behind_snapshot`, also in
+    :meth:`metrics`. The Raft engine decides: replay its log, or install a
+    snapshot (this node's own archive or the leader's).
     """
 
     def __init__(
@@ -124,6 +131,33 @@ class StateMachineHandler(Closing):
             notify_applied=self._notify_listeners,
             file_ops=file_ops,
         )
+        self._report_behind()
+
+    def _report_behind(self) -> None:
+        behind = self.state_behind_snapshot
+        if behind:
+            latest = self._snapshots.latest_metadata()
+            assert latest is not None
+            _log.log(
+                logging.WARNING if self._applied_index else logging.INFO,
+                "state is behind the newest snapshot applied=%d snapshot=%d dir=%s"
+                " (reported, not reinstalled)",
+                self._applied_index,
+                latest.last_included.index,
+                self._config.snapshots_dir,
+            )
+
+    @property
+    def state_behind_snapshot(self) -> int:
+        """Entries the state lacks to reach the newest archive's index (0 when it does).
+
+        Positive only when the state machine came up behind its own newest
+        archive; applying or installing past that index brings it back to 0.
+        """
+        latest = self._snapshots.latest_metadata()
+        if latest is None:
+            return 0
+        return max(0, latest.last_included.index - self._applied_index)
 
     @property
     def node_id(self) -> int:
@@ -323,6 +357,7 @@ class StateMachineHandler(Closing):
         out = self._metrics.snapshot()
         out["last_applied"] = self._applied_index
         out["pending_commit"] = self._pending
+        out["state_behind_snapshot"] = self.state_behind_snapshot
         return out
 
     # -- snapshots -------------------------------------------------------

@@ -11,24 +11,32 @@ Theory of operation:
   with two ``executemany`` calls. Collapsing per key keeps the SQL batch
   small and lets CompareAndSwap see earlier writes of the same batch.
 * Reads use per-thread connections in WAL mode: they never block applies and
-  only ever see committed transactions. ``last_applied``, the term history
+  only ever see committed transactions. Each reader connection has its own
+  lock, held for one query, so an install can park every reader. ``last_applied``, the term history
   and the snapshot metadata are also cached in Python (replaced, never
   mutated, after each commit) so the handler's hot queries touch no file.
 * ``prepare_snapshot`` opens a read transaction on a dedicated connection
   (microseconds); ``generate_snapshot_data`` copies that pinned view with the
   SQLite backup API into a standalone file while applies continue.
+* ``apply_snapshot_from_file`` replaces the database *file*: the received
+  file is validated and prepared in place (``_sqlite_schema.stage``), then,
+  with every connection closed and readers parked, the live WAL is
+  checkpointed and removed and the received file renamed over the database.
+  No connection ever spans the swap: SQLite names ``-wal``/``-shm`` after the
+  path, so an old connection's side files must never meet the new file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
-import urllib.parse
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from itertools import chain
 from pathlib import Path
 from typing import ClassVar, Final
@@ -36,31 +44,24 @@ from typing import ClassVar, Final
 from d_engine_sm import _kv
 from d_engine_sm._closing import Closing
 from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
+from d_engine_sm._sqlite_schema import (
+    _SCHEMA,
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SIDE_FILES,
+    SNAPSHOT_FILE,
+    stage,
+)
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, LogId
-from d_engine_sm.errors import CorruptSnapshotError, SnapshotError
+from d_engine_sm.errors import SnapshotError
 from d_engine_sm.proto import common_pb2, storage_pb2
 
 _log = logging.getLogger("d_engine_sm.sqlite")
 
-SNAPSHOT_FILE: Final = "state.sqlite3"
-APPLICATION_ID: Final = 0x4445534D  # "DESM": marks files written by this class
-SCHEMA_VERSION: Final = 1
 _BUSY_TIMEOUT: Final = 30.0
 _SYNC: Final = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
-_KV_COLUMNS: Final = [("key", "BLOB"), ("value", "BLOB"), ("expires_at", "REAL")]
-
-_SCHEMA: Final = (
-    "CREATE TABLE kv(key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
-    " expires_at REAL) WITHOUT ROWID",
-    "CREATE INDEX kv_expiry ON kv(expires_at) WHERE expires_at IS NOT NULL",
-    "CREATE TABLE meta(id INTEGER PRIMARY KEY CHECK (id = 0),"
-    " applied_index INTEGER NOT NULL, applied_term INTEGER NOT NULL, snapshot_meta BLOB)",
-    "INSERT INTO meta VALUES (0, 0, 0, NULL)",
-    "CREATE TABLE terms(first_index INTEGER PRIMARY KEY, term INTEGER NOT NULL)",
-    f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
+_INCOMING: Final = "-incoming"  # a received file copied next to the database (cross-device)
 
 _ROWS_PER_STATEMENT: Final = 128  # rows per multi-row statement (x3 params < SQLite's old 999 cap)
 
@@ -155,6 +156,23 @@ def _execute_rows(
         done += size
 
 
+class _Reader:
+    """One thread's read connection; ``lock`` is held for each query, and by an install."""
+
+    __slots__ = ("conn", "generation", "lock", "thread")
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self.generation = -1  # no connection yet
+        self.lock = threading.Lock()
+        self.thread = weakref.ref(thread)
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+
 class SqliteStateMachine(Closing, StateMachine):
     """A durable key/value state machine in one SQLite database (WAL mode).
 
@@ -174,7 +192,8 @@ class SqliteStateMachine(Closing, StateMachine):
     Thread safety: all methods may be called from any thread. Writes are
     serialised on one connection; ``get``/``__len__``/``items`` run on
     per-thread read connections concurrently with applies and see only
-    committed batches. ``stop()`` only flushes and clears the running flag
+    committed batches; during an install they see the old state or the new
+    one, never an error. ``stop()`` only flushes and clears the running flag
     (the instance stays usable, like MemoryStateMachine); ``close()``
     releases the connections and is terminal. Use one instance per path.
 
@@ -183,8 +202,10 @@ class SqliteStateMachine(Closing, StateMachine):
         durability: ``"full"``, ``"normal"`` or ``"off"`` (above).
         clock: wall-clock seconds used to stamp and check TTL expiry.
         file_ops: seam whose ``announce`` is called before crash-relevant
-            steps (``"sqlite:install:commit"``); tests use it to kill the
+            steps (``"sqlite:install:rename"`` ...); tests use it to kill the
             process there.
+        validate_timeout: seconds a received snapshot file may take to be
+            validated and prepared before the install is refused.
 
     Raises:
         ValueError: bad ``durability``, or ``path`` holds another database.
@@ -200,29 +221,32 @@ class SqliteStateMachine(Closing, StateMachine):
         durability: str = "full",
         clock: Callable[[], float] = time.time,
         file_ops: FileOps | None = None,
+        validate_timeout: float = 60.0,
     ) -> None:
         if durability not in _SYNC:
             raise ValueError(f"durability must be one of {sorted(_SYNC)}, got {durability!r}")
         self._path = os.path.abspath(os.fspath(path))
         self._durability = durability
         self._clock = clock
+        if not validate_timeout > 0:
+            raise ValueError(f"validate_timeout must be > 0, got {validate_timeout!r}")
+        self._validate_timeout = validate_timeout
         self._fs = file_ops if file_ops is not None else DEFAULT_FILE_OPS
+        # Lock order: _write_lock -> _generating -> _readers_lock -> _Reader.lock; _snap_lock
         self._write_lock = threading.Lock()
+        self._generating = threading.Lock()  # held by generate_snapshot_data's copy
         self._readers_lock = threading.Lock()
         self._snap_lock = threading.Lock()
         self._local = threading.local()
-        self._readers: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self._readers: list[_Reader] = []
+        self._generation = 0  # bumped when the database file is swapped or closed
         self._pinned: sqlite3.Connection | None = None
         self._closed = False
         self._running = True
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
-        self._db = self._connect()
-        try:
-            self._init_schema()
-            self._load_cache()
-        except BaseException:
-            self._db.close()
-            raise
+        # A copy an install made and did not rename: never part of the state.
+        _unlink_quietly(self._path + _INCOMING)
+        self._db = self._open_writer()
         _log.info(
             "opened path=%s durability=%s last_applied=%d",
             self._path,
@@ -231,6 +255,16 @@ class SqliteStateMachine(Closing, StateMachine):
         )
 
     # -- connections -----------------------------------------------------
+    def _open_writer(self) -> sqlite3.Connection:
+        self._db = db = self._connect()
+        try:
+            self._init_schema()
+            self._load_cache()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
     def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
         # check_same_thread=False: the writer is guarded by _write_lock, a
         # reader is used by its own thread only (close() excepted).
@@ -283,26 +317,56 @@ class SqliteStateMachine(Closing, StateMachine):
             for i, t in self._db.execute("SELECT first_index, term FROM terms ORDER BY 1")
         ]
 
-    def _reader(self) -> sqlite3.Connection:
+    def _reader(self) -> _Reader:
+        """This thread's reader (registered on first use); take its lock, then ``_conn``."""
         if self._closed:
             raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect(readonly=True)
-            me = threading.current_thread()
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = _Reader(threading.current_thread())
             with self._readers_lock:
-                # Close connections of threads that have exited.
                 live = []
-                for ref, other in self._readers:
-                    thread = ref()
+                for other in self._readers:  # close connections of threads that have exited
+                    thread = other.thread()
                     if thread is not None and thread.is_alive():
-                        live.append((ref, other))
+                        live.append(other)
                     else:
                         other.close()
-                live.append((weakref.ref(me), conn))
+                live.append(reader)
                 self._readers = live
-            self._local.conn = conn
-        return conn
+            self._local.reader = reader
+        return reader
+
+    def _conn(self, reader: _Reader) -> sqlite3.Connection:
+        """``reader``'s connection to the current file (caller holds ``reader.lock``)."""
+        if reader.generation != self._generation:
+            if self._closed:
+                raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
+            reader.close()
+            reader.conn = self._connect(readonly=True)
+            reader.generation = self._generation
+        assert reader.conn is not None
+        return reader.conn
+
+    @contextmanager
+    def _readers_parked(self) -> Iterator[None]:
+        """Inside: every reader connection closed and no query running or starting.
+
+        Readers wait on their own lock; when the block ends they reconnect to
+        whatever file is at the path then.
+        """
+        with self._readers_lock:
+            held: list[_Reader] = []
+            try:
+                for reader in self._readers:
+                    reader.lock.acquire()
+                    held.append(reader)
+                    reader.close()
+                yield
+            finally:
+                self._generation += 1
+                for reader in held:
+                    reader.lock.release()
 
     def _writer(self) -> sqlite3.Connection:
         if self._closed:
@@ -335,17 +399,18 @@ class SqliteStateMachine(Closing, StateMachine):
                 return
             self._closed = True
             self._running = False
-            self._release_pinned()
-            with self._readers_lock:
-                readers, self._readers = self._readers, []
-            for _, conn in readers:
-                conn.close()
+            with self._snap_lock:
+                self._release_pinned()
+            with self._readers_parked():
+                self._readers = []
             self._db.close()
         _log.info("closed path=%s", self._path)
 
     # -- reads -----------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
-        row = self._reader().execute(_SELECT, (key,)).fetchone()
+        reader = self._reader()
+        with reader.lock:
+            row = self._conn(reader).execute(_SELECT, (key,)).fetchone()
         if row is None:
             return None
         value, at = row
@@ -353,29 +418,35 @@ class SqliteStateMachine(Closing, StateMachine):
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Live values of ``keys`` (None where absent), one query per ``_IN_BATCH`` keys."""
-        db = self._reader()
+        reader = self._reader()
         now = self._clock()
         found: dict[bytes, bytes] = {}
-        for start in range(0, len(keys), _IN_BATCH):
-            part = list(keys[start : start + _IN_BATCH])
-            marks = ",".join("?" * len(part))
-            query = f"SELECT key, value, expires_at FROM kv WHERE key IN ({marks})"
-            for key, value, at in db.execute(query, part):
-                if at is None or at > now:
-                    found[key] = value
+        with reader.lock:  # one lock for the whole batch: all of it from one file
+            db = self._conn(reader)
+            for start in range(0, len(keys), _IN_BATCH):
+                part = list(keys[start : start + _IN_BATCH])
+                marks = ",".join("?" * len(part))
+                query = f"SELECT key, value, expires_at FROM kv WHERE key IN ({marks})"
+                for key, value, at in db.execute(query, part):
+                    if at is None or at > now:
+                        found[key] = value
         return [found.get(key) for key in keys]
 
     def __len__(self) -> int:
         """Number of stored keys, expired-but-not-cleaned ones included (O(n))."""
-        return int(self._reader().execute("SELECT count(*) FROM kv").fetchone()[0])
+        reader = self._reader()
+        with reader.lock:
+            return int(self._conn(reader).execute("SELECT count(*) FROM kv").fetchone()[0])
 
     def items(self) -> dict[bytes, bytes]:
         """A copy of the live key/value pairs (expired keys left out)."""
         now = self._clock()
-        rows = self._reader().execute(
-            "SELECT key, value FROM kv WHERE expires_at IS NULL OR expires_at > ?", (now,)
-        )
-        return dict(rows.fetchall())
+        reader = self._reader()
+        with reader.lock:
+            rows = self._conn(reader).execute(
+                "SELECT key, value FROM kv WHERE expires_at IS NULL OR expires_at > ?", (now,)
+            )
+            return dict(rows.fetchall())
 
     def entry_term(self, index: int) -> int | None:
         return _kv.term_at(index, self._term_starts, self._last_applied, self._snapshot_meta)
@@ -494,11 +565,20 @@ class SqliteStateMachine(Closing, StateMachine):
         Raises:
             SnapshotError: the copy failed.
         """
+        with self._generating:  # an install's file swap waits for this copy
+            self._generate(Path(dir) / SNAPSHOT_FILE)
+        _log.info(
+            "snapshot written dir=%s index=%d term=%d",
+            dir,
+            last_included.index,
+            last_included.term,
+        )
+
+    def _generate(self, target_path: Path) -> None:
         with self._snap_lock:
             source, self._pinned = self._pinned, None
         if source is None:
             source = self._connect(readonly=True)
-        target_path = Path(dir) / SNAPSHOT_FILE
         try:
             target = sqlite3.connect(os.fspath(target_path), isolation_level=None)
             try:
@@ -511,64 +591,102 @@ class SqliteStateMachine(Closing, StateMachine):
             raise SnapshotError(f"cannot write snapshot {target_path}: {exc}") from exc
         finally:
             source.close()
-        _log.info(
-            "snapshot written path=%s index=%d term=%d",
-            target_path,
-            last_included.index,
-            last_included.term,
-        )
 
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
-        """Replace the whole state with ``dir/state.sqlite3`` in one transaction.
+        """Replace the whole state with ``dir/state.sqlite3`` by replacing the file.
 
-        The file is validated first (a SQLite file with this schema, passing
-        ``quick_check``, blob keys and values). A crash at any point leaves
-        either the old or the new state.
+        The received file is validated (header, schema objects, quick_check,
+        column types; bounded by ``validate_timeout``), given ``meta`` as its
+        applied LogId, fsynced, and renamed over the database: it is *moved*
+        out of ``dir``. Readers on other threads see the old or the new
+        state. A crash at any point leaves either the old or the new state.
 
         Raises:
-            CorruptSnapshotError: the file is missing, not a database, or not
-                of this schema; nothing changed.
+            CorruptSnapshotError: the file is missing, hostile, not of this
+                schema or too slow to validate; nothing changed.
+            SnapshotError: the old database could not be reopened after a
+                failed swap, or the new one after a swap; the instance is closed.
         """
-        source = Path(dir) / SNAPSHOT_FILE
-        if not source.is_file():
-            raise CorruptSnapshotError(str(source), "snapshot data file is missing")
         copy = storage_pb2.SnapshotMetadata()
         copy.CopyFrom(meta)
         lid = copy.last_included
-        uri = "file:" + urllib.parse.quote(os.path.abspath(source)) + "?mode=ro"
+        source = Path(dir) / SNAPSHOT_FILE
         with self._write_lock:
-            db = self._writer()
+            self._writer()
+            staged = self._near_database(source)
             try:
-                db.execute("ATTACH DATABASE ? AS snap", (uri,))
-            except sqlite3.DatabaseError as exc:
-                raise CorruptSnapshotError(str(source), f"cannot open: {exc}") from exc
-            try:
-                _validate_attached(db, str(source))
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.execute("DELETE FROM main.kv")
-                    db.execute(
-                        "INSERT INTO main.kv(key, value, expires_at)"
-                        " SELECT key, value, expires_at FROM snap.kv"
-                    )
-                    db.execute("DELETE FROM main.terms")
-                    db.execute(
-                        "UPDATE main.meta SET applied_index = ?, applied_term = ?,"
-                        " snapshot_meta = ? WHERE id = 0",
-                        (lid.index, lid.term, copy.SerializeToString()),
-                    )
-                    # A crash before COMMIT rolls all of the above back.
-                    self._fs.announce("sqlite:install:commit")
-                    db.execute("COMMIT")
-                except BaseException:
-                    _rollback(db)
-                    raise
+                stage(
+                    staged,
+                    copy,
+                    timeout=self._validate_timeout,
+                    fs=self._fs,
+                    sync=self._durability != "off",
+                )
+                self._swap_in(staged)
             finally:
-                db.execute("DETACH DATABASE snap")
-            self._term_starts = []
-            self._snapshot_meta = copy
-            self._last_applied = LogId(term=lid.term, index=lid.index)
+                if staged != source:
+                    _unlink_quietly(str(staged))
         _log.info("snapshot installed path=%s index=%d term=%d", self._path, lid.index, lid.term)
+
+    def _near_database(self, source: Path) -> Path:
+        """``source``, or a copy next to the database when a rename cannot reach it."""
+        try:
+            same_device = os.stat(source).st_dev == os.stat(os.path.dirname(self._path)).st_dev
+        except FileNotFoundError:
+            return source  # stage() reports the missing file
+        if same_device:
+            return source
+        incoming = Path(self._path + _INCOMING)
+        shutil.copyfile(source, incoming)
+        return incoming
+
+    def _swap_in(self, staged: Path) -> None:
+        """Rename ``staged`` over the database with no connection open across the swap.
+
+        Each step names what a crash just before it leaves. Caller holds
+        ``_write_lock``; caches are reloaded from whichever file ends up in place.
+        """
+        with self._generating, self._readers_parked():
+            with self._snap_lock:
+                self._release_pinned()
+            # Crash: the old database and its WAL, untouched.
+            self._fs.announce("sqlite:install:checkpoint")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self._db.close()
+            try:
+                # Crash: the old database, whole; its (empty) WAL is its own.
+                self._fs.announce("sqlite:install:remove_wal")
+                for suffix in SIDE_FILES:
+                    _unlink_quietly(self._path + suffix)
+                # Crash: the old database alone; no side file is left to meet the new one.
+                self._fs.announce("sqlite:install:rename")
+                self._fs.replace(staged, Path(self._path))
+            except BaseException:
+                self._reopen()  # nothing was swapped: back to the old file
+                raise
+            # Crash: the new database (or, after a power loss, possibly the old one).
+            # From here on the new file is the state: finish, never roll back.
+            try:
+                self._fs.announce("sqlite:install:fsync_dir")
+                if self._durability != "off":
+                    self._fs.fsync_dir(Path(self._path).parent)
+            except OSError as exc:
+                # flush() fsyncs the directory again before an archive is kept.
+                _log.warning("fsync of database directory failed error=%r", exc)
+            self._reopen("sqlite:install:reopen")
+
+    def _reopen(self, step: str | None = None) -> None:
+        try:
+            if step is not None:
+                self._fs.announce(step)
+            self._open_writer()
+        except BaseException as exc:
+            # Applying to a state we cannot read would diverge: the instance is
+            # done; opening the path again (a restart) continues from the file.
+            self._closed = True
+            self._running = False
+            _log.error("reopening after install failed path=%s error=%r", self._path, exc)
+            raise SnapshotError(f"cannot reopen {self._path} after install: {exc}") from exc
 
     def flush(self) -> None:
         """Make every applied batch durable, whatever ``durability`` says.
@@ -624,28 +742,6 @@ def _parse_meta(blob: bytes) -> storage_pb2.SnapshotMetadata:
     return meta
 
 
-def _validate_attached(db: sqlite3.Connection, path: str) -> None:
-    """Refuse an attached ``snap`` that is not a snapshot of this schema."""
-    try:
-        app_id = db.execute("PRAGMA snap.application_id").fetchone()[0]
-        version = db.execute("PRAGMA snap.user_version").fetchone()[0]
-        if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
-            raise CorruptSnapshotError(
-                path, f"not a SqliteStateMachine snapshot (application_id={app_id:#x})"
-            )
-        columns = [
-            (row[1], str(row[2]).upper()) for row in db.execute("PRAGMA snap.table_info(kv)")
-        ]
-        if columns != _KV_COLUMNS:
-            raise CorruptSnapshotError(path, f"unexpected kv table columns {columns}")
-        check = db.execute("PRAGMA snap.quick_check").fetchall()
-        if check != [("ok",)]:
-            raise CorruptSnapshotError(path, f"quick_check failed: {check[:3]}")
-        bad = db.execute(
-            "SELECT count(*) FROM snap.kv WHERE typeof(key) != 'blob' OR typeof(value) != 'blob'"
-            " OR (expires_at IS NOT NULL AND typeof(expires_at) NOT IN ('real', 'integer'))"
-        ).fetchone()[0]
-        if bad:
-            raise CorruptSnapshotError(path, f"{bad} rows with wrongly typed columns")
-    except sqlite3.DatabaseError as exc:
-        raise CorruptSnapshotError(path, f"not a readable SQLite database: {exc}") from exc
+def _unlink_quietly(path: str) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)

@@ -13,6 +13,7 @@ CREATE_STEPS: list[str] = [
     "create:generate",
     "create:pack",
     "create:fsync",
+    "create:flush",
     "publish:rename",
     "publish:fsync_dir",
     "record",
@@ -24,12 +25,24 @@ INSTALL_STEPS: list[str] = [
     "receive:fsync",
     "install:unpack",
     "install:apply",
+    "install:flush",
     "install:publish",
     "publish:rename",
     "publish:fsync_dir",
     "record",
     "prune:remove",
     "prune:fsync_dir",
+]
+
+# Steps SqliteStateMachine.apply_snapshot_from_file announces (inside "install:apply").
+SQLITE_INSTALL_STEPS: list[str] = [
+    "sqlite:install:stage",
+    "sqlite:install:fsync",
+    "sqlite:install:checkpoint",
+    "sqlite:install:remove_wal",
+    "sqlite:install:rename",
+    "sqlite:install:fsync_dir",
+    "sqlite:install:reopen",
 ]
 
 

@@ -1,13 +1,14 @@
 """Subprocess half of tests/test_snapshot_crash.py (run as a script, never imported by pytest).
 
     python tests/crash_child.py create  DIR STEP
-    python tests/crash_child.py install DIR STEP LEADER_DIR
+    python tests/crash_child.py install DIR STEP LEADER_DIR [SQLITE_PATH]
     python tests/crash_child.py recover DIR STEP
     python tests/crash_child.py hold    DIR
 
 create/install/recover run the operation with a FileOps whose ``announce``
 SIGKILLs this process the first time STEP is announced; reaching the end
-without meeting STEP exits with status 3. ``hold`` sits inside a create
+without meeting STEP exits with status 3. With SQLITE_PATH the installing
+follower is a SqliteStateMachine there (durability "normal", same FileOps). ``hold`` sits inside a create
 (directory lock held) printing ``holding``, until a line arrives on stdin.
 """
 
@@ -23,6 +24,8 @@ from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._fs import FileOps
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._sqlite import SqliteStateMachine
+from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import LogId
 
 NOT_REACHED = 3
@@ -76,11 +79,12 @@ def main(argv: list[str]) -> int:
                 h.create_snapshot()
     elif mode == "install":
         leader_cfg = config(argv[3])
+        sm: StateMachine = MemoryStateMachine()
+        if len(argv) > 4:
+            sm = SqliteStateMachine(argv[4], durability="normal", file_ops=ops)
         with (
             StateMachineHandler(MemoryStateMachine(), leader_cfg, node_id=1) as leader,
-            StateMachineHandler(
-                MemoryStateMachine(), config(directory), node_id=2, file_ops=ops
-            ) as follower,
+            StateMachineHandler(sm, config(directory), node_id=2, file_ops=ops) as follower,
         ):
             meta = leader.get_latest_snapshot_metadata()
             assert meta is not None

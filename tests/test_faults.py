@@ -513,6 +513,7 @@ STEP_TOLERATED: dict[tuple[str, str], str] = {
     ("create", "record"): "harmless",
     ("install", "record"): "harmless",
     ("install", "install:publish"): "installed-not-kept",
+    ("install", "install:flush"): "installed-not-kept",
 }
 STEP_EITHER = {("create", "publish:fsync_dir")}
 STEP_BUGS: dict[tuple[str, str], str] = {}

@@ -272,6 +272,8 @@ class SnapshotManager:
                     manifest=manifest,
                 )
             try:
+                self._fs.announce("create:flush")
+                self._flush_state()
                 final = store.publish(temp, last_included.index, last_included.term)
             except BaseException:
                 if not temp.exists():
@@ -285,6 +287,18 @@ class SnapshotManager:
         except OSError as exc:
             raise self._disk_error(exc, needed, "writing snapshot archive") from exc
         return _metadata(last_included.index, last_included.term, digest), final
+
+    def _flush_state(self) -> None:
+        """Make the state durable before an archive of it is published.
+
+        After a power loss the newest archive must never be ahead of the
+        state (with ``durability="normal"`` SQLite does not fsync its WAL at
+        commit): the state an archive reflects is flushed first.
+        """
+        try:
+            self._sm.flush()
+        except Exception as exc:
+            raise SnapshotError(f"flushing the state machine failed: {exc}") from exc
 
     def _record(self, meta: SnapshotMetadata) -> None:
         try:
@@ -541,6 +555,12 @@ class SnapshotManager:
         self._notify_applied(lid.index)
         size = os.path.getsize(temp)
         report(progress, "install", size, size)
+        try:
+            self._fs.announce("install:flush")
+            self._flush_state()
+        except (OSError, SnapshotError) as exc:
+            _log.warning("installed state not flushed; archive not kept error=%r", exc)
+            return
         try:
             self._fs.announce("install:publish")
             final = store.publish(temp, lid.index, lid.term)
