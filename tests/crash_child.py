@@ -8,7 +8,8 @@
 create/install/recover run the operation with a FileOps whose ``announce``
 SIGKILLs this process the first time STEP is announced; reaching the end
 without meeting STEP exits with status 3. With SQLITE_PATH the installing
-follower is a SqliteStateMachine there (durability "normal", same FileOps). ``hold`` sits inside a create
+follower is a SqliteStateMachine there (durability "normal", same FileOps)
+that first applies five entries ``child<i> = c``, so its WAL holds frames. ``hold`` sits inside a create
 (directory lock held) printing ``holding``, until a line arrives on stdin.
 """
 
@@ -88,6 +89,14 @@ def main(argv: list[str]) -> int:
         ):
             meta = leader.get_latest_snapshot_metadata()
             assert meta is not None
+            if len(argv) > 4:
+                first = follower.last_applied() + 1
+                follower.apply_chunk(
+                    [
+                        _kv.command_entry(i, 1, _kv.insert(b"child%d" % i, b"c"))
+                        for i in range(first, first + 5)
+                    ]
+                )
             follower.apply_snapshot_stream_from_leader(
                 1, leader.load_snapshot_data(meta), lambda ack: None
             )

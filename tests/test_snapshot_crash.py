@@ -17,13 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from _seams import CREATE_STEPS, INSTALL_STEPS
+from _seams import CREATE_STEPS, INSTALL_STEPS, SQLITE_INSTALL_STEPS
 
 from d_engine_sm import _kv
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
 from d_engine_sm._snapshot import archive
+from d_engine_sm._sqlite import SqliteStateMachine
+from d_engine_sm._values import LogId
 from d_engine_sm.errors import SnapshotInProgress
 
 CHILD = Path(__file__).with_name("crash_child.py")
@@ -102,6 +104,10 @@ def test_steps_cover_every_announce() -> None:
         assert any(pattern.fullmatch(s) for s in steps), f"untested step {pattern.pattern}"
     for step in steps:
         assert any(p.fullmatch(step) for p in patterns), f"{step} is never announced"
+    sqlite = "".join(
+        (PACKAGE.parent / name).read_text() for name in ("_sqlite.py", "_sqlite_schema.py")
+    )
+    assert set(re.findall(r'"(sqlite:[a-z_:]+)"', sqlite)) == set(SQLITE_INSTALL_STEPS)
 
 
 @pytest.mark.parametrize("step", CREATE_STEPS)
@@ -189,3 +195,66 @@ def test_writer_lock_excludes_other_processes(tmp_path: Path) -> None:
         finally:
             child.kill()
             child.wait(WAIT)
+
+
+def _sqlite_leader(tmp_path: Path) -> tuple[Path, dict[bytes, bytes]]:
+    leader_dir = tmp_path / "leader"
+    with (
+        SqliteStateMachine(tmp_path / "leader.db", durability="off") as sm,
+        StateMachineHandler(sm, cfg(leader_dir)) as leader,
+    ):
+        fill(leader, 200)
+        leader.create_snapshot()
+        return leader_dir, sm.items()
+
+
+# Killed at these steps the install has renamed the new file into place.
+NEW_STATE_STEPS = {"sqlite:install:fsync_dir", "sqlite:install:reopen"} | set(
+    INSTALL_STEPS[INSTALL_STEPS.index("install:apply") + 1 :]
+)
+
+
+@pytest.mark.parametrize("step", INSTALL_STEPS + SQLITE_INSTALL_STEPS)
+def test_kill_during_sqlite_install(tmp_path: Path, step: str) -> None:
+    """After a kill at any step: the old state or the new one, whole, never a mix,
+    never ahead of by the newest archive; no side file of one applied to the other."""
+    leader_dir, new = _sqlite_leader(tmp_path)
+    directory, db = tmp_path / "follower", tmp_path / "follower.db"
+    with (
+        SqliteStateMachine(db, durability="normal") as sm,
+        StateMachineHandler(sm, cfg(directory)) as h,
+    ):
+        _two_old_snapshots_of(h)
+        first = h.last_applied() + 1
+        h.apply_chunk([_kv.command_entry(first, 1, _kv.insert(b"k1", b"overwritten"))])
+        old, old_applied = sm.items(), sm.last_applied()
+    # The child first applies five entries (left in its WAL), then installs.
+    first = old_applied.index + 1
+    old |= {b"child%d" % i: b"c" for i in range(first, first + 5)}
+    old_applied = LogId(index=old_applied.index + 5, term=1)
+    child = run_child("install", str(directory), step, str(leader_dir), str(db))
+    assert child == -signal.SIGKILL
+    assert not (tmp_path / "follower.db-incoming").exists()
+    with SqliteStateMachine(db) as sm:
+        assert sm._db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        state, applied = sm.items(), sm.last_applied()
+        assert (applied.index == 200) == (step in NEW_STATE_STEPS)
+        if applied.index == 200:
+            assert state == new
+            assert sm.snapshot_metadata() is not None
+        else:
+            assert (state, applied) == (old, old_applied)
+        newest = max(int(p.name.split("-")[1]) for p in directory.glob("snapshot-*.tar.gz"))
+        assert newest <= applied.index  # the state is never behind its newest archive
+        with StateMachineHandler(sm, cfg(directory)) as h:
+            assert h.state_behind_snapshot == 0
+            fill(h, 5)
+            h.create_snapshot()
+    check_recovered(directory)
+
+
+def _two_old_snapshots_of(h: StateMachineHandler) -> None:
+    fill(h, 10)
+    h.create_snapshot()
+    fill(h, 10)
+    h.create_snapshot()
