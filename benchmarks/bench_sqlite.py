@@ -32,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from d_engine_sm import _kv
-from d_engine_sm._sqlite import _SCHEMA, _SYNC, SqliteStateMachine
+from d_engine_sm._sqlite import _SYNC, SqliteStateMachine
+from d_engine_sm._sqlite_schema import _SCHEMA
 from d_engine_sm.proto import common_pb2
 
 Rows = list[tuple[bytes, bytes]]

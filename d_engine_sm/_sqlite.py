@@ -57,6 +57,8 @@ from d_engine_sm._values import ApplyResult, LogId
 from d_engine_sm.errors import SnapshotError
 from d_engine_sm.proto import common_pb2, storage_pb2
 
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SNAPSHOT_FILE", "SqliteStateMachine"]
+
 _log = logging.getLogger("d_engine_sm.sqlite")
 
 _BUSY_TIMEOUT: Final = 30.0

@@ -9,8 +9,9 @@ create/install/recover run the operation with a FileOps whose ``announce``
 SIGKILLs this process the first time STEP is announced; reaching the end
 without meeting STEP exits with status 3. With SQLITE_PATH the installing
 follower is a SqliteStateMachine there (durability "normal", same FileOps)
-that first applies five entries ``child<i> = c``, so its WAL holds frames. ``hold`` sits inside a create
-(directory lock held) printing ``holding``, until a line arrives on stdin.
+that first applies five entries ``child<i> = c``, so its WAL holds frames.
+``hold`` sits inside a create (directory lock held) printing ``holding``,
+until a line arrives on stdin.
 """
 
 from __future__ import annotations

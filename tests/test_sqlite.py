@@ -12,13 +12,14 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from _seams import SQLITE_INSTALL_STEPS
 from conftest import put
 
 from d_engine_sm import _kv
 from d_engine_sm._fs import FileOps
 from d_engine_sm._sqlite import SNAPSHOT_FILE, SqliteStateMachine
 from d_engine_sm._values import log_id
-from d_engine_sm.errors import CorruptSnapshotError
+from d_engine_sm.errors import CorruptSnapshotError, SnapshotError
 from d_engine_sm.proto import storage_pb2
 from d_engine_sm.testing import crash_expected, run_until_killed
 
@@ -160,7 +161,7 @@ print("installed", flush=True)
 
 def _snapshot_of(tmp_path: Path, pairs: dict[bytes, bytes], last: int) -> Path:
     snap_dir = tmp_path / "snap"
-    snap_dir.mkdir()
+    snap_dir.mkdir(parents=True)
     with SqliteStateMachine(tmp_path / "source.db", durability="off") as source:
         source.apply_chunk([put(i + 1, k, v) for i, (k, v) in enumerate(pairs.items())])
         source.apply_chunk([_kv.noop_entry(i, 1) for i in range(len(pairs) + 1, last + 1)])
@@ -168,16 +169,20 @@ def _snapshot_of(tmp_path: Path, pairs: dict[bytes, bytes], last: int) -> Path:
     return snap_dir
 
 
-def test_install_crash_leaves_old_or_new_state(tmp_path: Path) -> None:
+# Killed at these steps the new file is already in place.
+_SWAPPED = {"sqlite:install:fsync_dir", "sqlite:install:reopen"}
+
+
+@pytest.mark.parametrize("kill_at", SQLITE_INSTALL_STEPS)
+def test_install_crash_leaves_old_or_new_state(tmp_path: Path, kill_at: str) -> None:
     old = {b"old%d" % i: b"o" * i for i in range(200)} | {b"shared": b"old"}
     new = {b"new%d" % i: b"n" * i for i in range(300)} | {b"shared": b"new"}
     target = tmp_path / "target.db"
     with SqliteStateMachine(target) as sm:
         sm.apply_chunk([put(i + 1, k, v) for i, (k, v) in enumerate(old.items())])
         sm.persist_last_snapshot_metadata(meta_at(5, 1))
-    snap_dir = _snapshot_of(tmp_path, new, 50)
 
-    def run_child(kill_at: str) -> subprocess.CompletedProcess[str]:
+    def run_child(kill_at: str, snap_dir: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-c", _INSTALL_CHILD, str(target), str(snap_dir), kill_at],
             capture_output=True,
@@ -186,14 +191,17 @@ def test_install_crash_leaves_old_or_new_state(tmp_path: Path) -> None:
             check=False,
         )
 
-    killed = run_child("sqlite:install:commit")
+    killed = run_child(kill_at, _snapshot_of(tmp_path / "first", new, 50))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with SqliteStateMachine(target) as sm:
-        assert sm.items() == old
-        assert sm.last_applied() == log_id(len(old), 1)
-        assert sm.snapshot_metadata() == meta_at(5, 1)
+        if kill_at in _SWAPPED:
+            assert sm.items() == new and sm.last_applied() == log_id(50, 4)
+        else:
+            assert sm.items() == old
+            assert sm.last_applied() == log_id(len(old), 1)
+            assert sm.snapshot_metadata() == meta_at(5, 1)
 
-    done = run_child("never")
+    done = run_child("never", _snapshot_of(tmp_path / "second", new, 50))
     assert done.returncode == 0 and "installed" in done.stdout, done.stderr
     with SqliteStateMachine(target) as sm:
         assert sm.items() == new
@@ -203,22 +211,41 @@ def test_install_crash_leaves_old_or_new_state(tmp_path: Path) -> None:
         assert sm.entry_term(50) == 4
 
 
-def test_failing_install_keeps_old_state(tmp_path: Path) -> None:
-    class FailAtCommit(FileOps):
-        def announce(self, step: str) -> None:
-            if step == "sqlite:install:commit":
-                raise OSError("injected at install commit")
+@pytest.mark.parametrize("step", SQLITE_INSTALL_STEPS)
+def test_failing_install_step(tmp_path: Path, step: str) -> None:
+    """A step that fails before the rename changes nothing; after it, the install
+    completes (a failed directory fsync is only logged) or the instance closes."""
+
+    class FailAt(FileOps):
+        def announce(self, announced: str) -> None:
+            if announced == step:
+                raise OSError(f"injected at {step}")
 
     snap_dir = _snapshot_of(tmp_path, {b"n": b"new"}, 9)
-    with SqliteStateMachine(tmp_path / "t.db", file_ops=FailAtCommit()) as sm:
+    path = tmp_path / "t.db"
+    with SqliteStateMachine(path, file_ops=FailAt()) as sm:
         sm.apply_chunk([put(1, b"o", b"old")])
-        with pytest.raises(OSError, match="injected"):
+        if step == "sqlite:install:fsync_dir":
             sm.apply_snapshot_from_file(meta_at(9, 1), snap_dir)
-        assert sm.items() == {b"o": b"old"}
-        assert sm.last_applied() == log_id(1, 1)
-        assert sm.snapshot_metadata() is None
-        sm.apply_chunk([put(2, b"p", b"still works")])
-        assert sm.get(b"p") == b"still works"
+            assert sm.items() == {b"n": b"new"} and sm.last_applied() == log_id(9, 1)
+        elif step == "sqlite:install:reopen":
+            with pytest.raises(SnapshotError, match="cannot reopen"):
+                sm.apply_snapshot_from_file(meta_at(9, 1), snap_dir)
+            assert not sm.is_running()
+            with pytest.raises(ValueError, match="closed"):
+                sm.get(b"n")
+        else:
+            with pytest.raises(OSError, match="injected"):
+                sm.apply_snapshot_from_file(meta_at(9, 1), snap_dir)
+            assert sm.items() == {b"o": b"old"}
+            assert sm.last_applied() == log_id(1, 1)
+            assert sm.snapshot_metadata() is None
+            sm.apply_chunk([put(2, b"p", b"still works")])
+            assert sm.get(b"p") == b"still works"
+    with SqliteStateMachine(path) as again:
+        swapped = step in _SWAPPED
+        assert (again.get(b"n") == b"new") == swapped
+        assert not Path(str(path) + "-incoming").exists()
 
 
 def _bad_snapshot(tmp_path: Path, kind: str) -> Path:
