@@ -114,7 +114,10 @@ def _open(path: Path, deadline: float) -> sqlite3.Connection:
     db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
         db.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
-        for pragma in ("trusted_schema = OFF", "cell_size_check = ON", "mmap_size = 0"):
+        # synchronous OFF: until renamed into place the file is scratch (a crash
+        # discards it), and stage() fsyncs it once at the end.
+        pragmas = ("trusted_schema = OFF", "cell_size_check = ON", "synchronous = OFF")
+        for pragma in pragmas:
             db.execute(f"PRAGMA {pragma}")
     except BaseException:
         db.close()
