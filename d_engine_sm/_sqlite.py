@@ -30,20 +30,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from itertools import chain
 from pathlib import Path
 from typing import ClassVar, Final
 
 from d_engine_sm import _kv
 from d_engine_sm._closing import Closing
 from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
+from d_engine_sm._sqlite_batch import SELECT_ONE, OverlayOps
 from d_engine_sm._sqlite_schema import (
     _SCHEMA,
     APPLICATION_ID,
@@ -51,6 +50,7 @@ from d_engine_sm._sqlite_schema import (
     SIDE_FILES,
     SNAPSHOT_FILE,
     stage,
+    staging_path,
 )
 from d_engine_sm._state_machine import StateMachine
 from d_engine_sm._values import ApplyResult, LogId
@@ -64,98 +64,8 @@ _log = logging.getLogger("d_engine_sm.sqlite")
 _BUSY_TIMEOUT: Final = 30.0
 _SYNC: Final = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 _INCOMING: Final = "-incoming"  # a received file copied next to the database (cross-device)
-
-_ROWS_PER_STATEMENT: Final = 128  # rows per multi-row statement (x3 params < SQLite's old 999 cap)
-
-
-def _statements(head: str, row: str, sep: str = ", ", tail: str = "") -> dict[int, str]:
-    """SQL with 128, 64, ... 1 row placeholders: any count is a sum of these."""
-    sizes = [_ROWS_PER_STATEMENT >> i for i in range(_ROWS_PER_STATEMENT.bit_length())]
-    return {n: head + sep.join([row] * n) + tail for n in sizes}
-
-
-# One multi-row statement binds ~2x faster than executemany (one step, no
-# per-row reset); power-of-two sizes keep the statement cache small.
-_UPSERT2: Final = _statements("INSERT OR REPLACE INTO kv(key, value) VALUES ", "(?, ?)")
-_UPSERT3: Final = _statements(
-    "INSERT OR REPLACE INTO kv(key, value, expires_at) VALUES ", "(?, ?, ?)"
-)
-_DELETE: Final = _statements("DELETE FROM kv WHERE key IN (", "?", ", ", ")")
-_SELECT: Final = "SELECT value, expires_at FROM kv WHERE key = ?"
 _IN_BATCH: Final = 500  # keys per IN (...) lookup: under SQLite's variable limit
 _SET_APPLIED: Final = "UPDATE meta SET applied_index = ?, applied_term = ? WHERE id = 0"
-
-
-class _OverlayOps(_kv.KvOps):
-    """Collects one batch's writes, last write per key; reads fall through to the DB.
-
-    A key lives in exactly one of ``plain`` (no TTL; None = deleted) and
-    ``ttl``, so the two ``executemany`` calls that flush them commute.
-    ``plain`` maps key -> value so ``plain.items()`` already yields the SQL
-    parameter rows: no tuple is built per entry on the hot path.
-    """
-
-    __slots__ = ("conn", "deletes", "plain", "ttl")
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.plain: dict[bytes, bytes | None] = {}
-        self.ttl: dict[bytes, tuple[bytes, bytes, float]] = {}
-        self.deletes = False
-
-    def put(self, key: bytes, value: bytes, expires_at: float | None) -> None:
-        if expires_at is None:
-            self.plain[key] = value
-            if self.ttl:
-                self.ttl.pop(key, None)
-        else:
-            self.ttl[key] = (key, value, expires_at)
-            self.plain.pop(key, None)
-
-    def delete(self, key: bytes) -> None:
-        self.plain[key] = None
-        self.deletes = True
-        if self.ttl:
-            self.ttl.pop(key, None)
-
-    def get_live(self, key: bytes, now: float) -> bytes | None:
-        if key in self.plain:
-            return self.plain[key]
-        if key in self.ttl:
-            _, value, at = self.ttl[key]
-        else:
-            found = self.conn.execute(_SELECT, (key,)).fetchone()
-            if found is None:
-                return None
-            value, at = found
-        return value if at is None or at > now else None
-
-    def flush(self) -> None:
-        """Write the collected batch (inside the caller's transaction)."""
-        db = self.conn
-        plain = self.plain
-        if self.deletes:
-            live = [kv for kv in plain.items() if kv[1] is not None]
-            _execute_rows(db, _UPSERT2, list(chain.from_iterable(live)), 2)
-            _execute_rows(db, _DELETE, [k for k, v in plain.items() if v is None], 1)
-        elif plain:
-            _execute_rows(db, _UPSERT2, list(chain.from_iterable(plain.items())), 2)
-        if self.ttl:
-            _execute_rows(db, _UPSERT3, list(chain.from_iterable(self.ttl.values())), 3)
-
-
-def _execute_rows(
-    db: sqlite3.Connection, statements: dict[int, str], flat: list[object], width: int
-) -> None:
-    """Run ``statements`` over ``flat`` (rows of ``width`` params, concatenated)."""
-    count = len(flat) // width
-    done = 0
-    size = _ROWS_PER_STATEMENT
-    while done < count:
-        while size > count - done:
-            size >>= 1
-        db.execute(statements[size], flat[done * width : (done + size) * width])
-        done += size
 
 
 class _Reader:
@@ -412,7 +322,7 @@ class SqliteStateMachine(Closing, StateMachine):
     def get(self, key: bytes) -> bytes | None:
         reader = self._reader()
         with reader.lock:
-            row = self._conn(reader).execute(_SELECT, (key,)).fetchone()
+            row = self._conn(reader).execute(SELECT_ONE, (key,)).fetchone()
         if row is None:
             return None
         value, at = row
@@ -459,7 +369,7 @@ class SqliteStateMachine(Closing, StateMachine):
             return []
         with self._write_lock:
             db = self._writer()
-            ops = _OverlayOps(db)
+            ops = OverlayOps(db)
             last = entries[-1]
             starts = _kv.next_term_starts(self._term_starts, entries)
             db.execute("BEGIN IMMEDIATE")
@@ -615,7 +525,7 @@ class SqliteStateMachine(Closing, StateMachine):
         source = Path(dir) / SNAPSHOT_FILE
         with self._write_lock:
             self._writer()
-            staged = self._near_database(source)
+            staged = staging_path(source, Path(self._path + _INCOMING))
             try:
                 stage(
                     staged,
@@ -629,18 +539,6 @@ class SqliteStateMachine(Closing, StateMachine):
                 if staged != source:
                     _unlink_quietly(str(staged))
         _log.info("snapshot installed path=%s index=%d term=%d", self._path, lid.index, lid.term)
-
-    def _near_database(self, source: Path) -> Path:
-        """``source``, or a copy next to the database when a rename cannot reach it."""
-        try:
-            same_device = os.stat(source).st_dev == os.stat(os.path.dirname(self._path)).st_dev
-        except FileNotFoundError:
-            return source  # stage() reports the missing file
-        if same_device:
-            return source
-        incoming = Path(self._path + _INCOMING)
-        shutil.copyfile(source, incoming)
-        return incoming
 
     def _swap_in(self, staged: Path) -> None:
         """Rename ``staged`` over the database with no connection open across the swap.

@@ -25,6 +25,7 @@ LogId, WAL mode) and made durable, ready to be renamed into place.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 import urllib.parse
@@ -213,3 +214,19 @@ def stage(
         fs.announce("sqlite:install:fsync")
         with open(source, "rb+") as f:
             fs.fsync(f)
+
+
+def staging_path(source: Path, incoming: Path) -> Path:
+    """``source``, or a copy of it at ``incoming`` when a rename cannot cross to there.
+
+    ``incoming`` sits next to the database, so the final rename stays on one
+    file system; its owner removes a leftover copy at open.
+    """
+    try:
+        same_device = os.stat(source).st_dev == os.stat(incoming.parent).st_dev
+    except FileNotFoundError:
+        return source  # stage() reports the missing file
+    if same_device:
+        return source
+    shutil.copyfile(source, incoming)
+    return incoming

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -319,3 +320,20 @@ def test_readers_see_old_or_new_never_an_error(tmp_path: Path) -> None:
         assert problems == []
         assert reads[0] > 0
         assert not any(Path(str(tmp_path / "live.db") + s).exists() for s in ("-incoming",))
+
+
+def test_install_from_another_file_system(tmp_path: Path) -> None:
+    """A received file on another device is copied next to the database first."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    snap = Path(tempfile.mkdtemp(dir=other))
+    try:
+        good_file(snap / SNAPSHOT_FILE, {b"far": b"away"})
+        with SqliteStateMachine(tmp_path / "live.db") as sm:
+            sm.apply_chunk([put(1, b"old", b"1")])
+            sm.apply_snapshot_from_file(meta_at(9), snap)
+            assert sm.items() == {b"far": b"away"}
+        assert not (tmp_path / "live.db-incoming").exists()
+    finally:
+        shutil.rmtree(snap)
