@@ -15,16 +15,29 @@ Run::
 
     python benchmarks/bench_sqlite.py --entries 100000 --batch 1000
     python benchmarks/bench_sqlite.py --json
+
+With ``--install``, a second question: how long does a follower on
+SqliteStateMachine take to receive and install a snapshot of ``--snapshot-keys`` keys
+(``--value-size`` bytes each; end to end: stream, verify, unpack, validate,
+swap) next to ``tar xzf`` of the same archive in the same run (target: at
+least 1.5x faster), and how much does its peak RSS grow meanwhile? Each
+install runs in a fresh subprocess (peak RSS reset before the install) whose
+follower already holds 10,000 keys; durability "off" (no fsync, like tar)
+and "normal" (the received file and directory fsynced)::
+
+    python benchmarks/bench_sqlite.py --install --snapshot-keys 200000 --value-size 100 --repeat 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +45,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from d_engine_sm import _kv
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._sqlite import _SYNC, SqliteStateMachine
 from d_engine_sm._sqlite_schema import _SCHEMA
-from d_engine_sm.proto import common_pb2
+from d_engine_sm.proto import common_pb2, storage_pb2
 
 Rows = list[tuple[bytes, bytes]]
 
@@ -112,11 +127,157 @@ def summary(count: int, times: list[float]) -> dict[str, float]:
     }
 
 
+# -- install ------------------------------------------------------------------------
+MiB = 1 << 20
+FOLLOWER_KEYS = 10_000
+
+
+def _config(directory: Path) -> SnapshotConfig:
+    # Archive fsync off: tar does not fsync; the state machine's durability decides the rest.
+    return SnapshotConfig(snapshots_dir=directory, chunk_size=MiB, fsync=False)
+
+
+def _fill(h: StateMachineHandler, keys: int, value_size: int) -> None:
+    for first in range(1, keys + 1, 20_000):
+        last = min(first + 20_000, keys + 1)
+        h.apply_chunk(
+            [
+                _kv.command_entry(
+                    i, 1, _kv.insert(b"key-%010d" % i, os.urandom(value_size // 2).hex().encode())
+                )
+                for i in range(first, last)
+            ]
+        )
+
+
+class _TimedSqlite(SqliteStateMachine):
+    load_seconds = 0.0
+
+    def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        t0 = time.perf_counter()
+        super().apply_snapshot_from_file(meta, dir)
+        self.load_seconds = time.perf_counter() - t0
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def install_child(work: str, run: str, durability: str) -> None:
+    """One install into a fresh follower; prints seconds and peak RSS as JSON."""
+    root = Path(work)
+    leader_sm = SqliteStateMachine(root / "leader.db", durability="off")
+    leader = StateMachineHandler(leader_sm, _config(root / "leader"), node_id=1)
+    sm = _TimedSqlite(root / run / "follower.db", durability=durability)
+    follower = StateMachineHandler(sm, _config(root / run / "snaps"), node_id=2)
+    _fill(follower, FOLLOWER_KEYS, 100)
+    meta = leader.get_latest_snapshot_metadata()
+    assert meta is not None
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _vm("VmHWM")
+    t0 = time.perf_counter()
+    follower.apply_snapshot_stream_from_leader(1, leader.load_snapshot_data(meta), lambda a: None)
+    elapsed = time.perf_counter() - t0
+    peak = _vm("VmHWM")
+    assert follower.last_applied() == meta.last_included.index
+    assert sm.get(b"key-%010d" % meta.last_included.index) is not None
+    doc = {"seconds": elapsed, "sm_seconds": sm.load_seconds, "rss_growth": peak - base}
+    print(json.dumps(doc))
+
+
+def bench_install(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="bench-sqlite-install-", dir=args.dir))
+    try:
+        with (
+            SqliteStateMachine(work / "leader.db", durability="off") as leader_sm,
+            StateMachineHandler(leader_sm, _config(work / "leader")) as leader,
+        ):
+            _fill(leader, args.snapshot_keys, args.value_size)
+            _, archive = leader.create_snapshot()
+        results: dict[str, object] = {"archive_bytes": archive.stat().st_size}
+        tar: list[float] = []
+        runs: dict[str, list[dict[str, float]]] = {d: [] for d in ("off", "normal")}
+        for n in range(args.repeat + 1):  # interleaved; the first round warms up
+            for durability, done in runs.items():
+                run = f"run-{durability}-{n}"
+                out = subprocess.run(
+                    [sys.executable, __file__, "--install-child", str(work), run, durability],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                if n:
+                    done.append(json.loads(out.stdout))
+                shutil.rmtree(work / run)
+            dest = work / "untar"
+            dest.mkdir()
+            t0 = time.perf_counter()
+            subprocess.run(["tar", "xzf", str(archive), "-C", str(dest)], check=True)
+            if n:
+                tar.append(time.perf_counter() - t0)
+            shutil.rmtree(dest)
+        tar_median = statistics.median(tar)
+        results["tar_xzf_seconds"] = _spread(tar)
+        for durability, done in runs.items():
+            seconds = [d["seconds"] for d in done]
+            results[durability] = {
+                "install_seconds": _spread(seconds),
+                "sm_install_seconds": _spread([d["sm_seconds"] for d in done]),
+                "rss_growth_mib_max": max(d["rss_growth"] for d in done) / MiB,
+                "ratio_vs_tar_xzf": tar_median / statistics.median(seconds),
+            }
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def install_main(args: argparse.Namespace) -> int:
+    results = bench_install(args)
+    if args.json:
+        doc = {"keys": args.snapshot_keys, "value_size": args.value_size, "repeat": args.repeat}
+        print(json.dumps(doc | results, indent=2))
+        return 0
+    print(
+        f"install keys={args.snapshot_keys} value_size={args.value_size} repeat={args.repeat} "
+        f"archive={int(str(results['archive_bytes'])) / MiB:.1f} MiB "
+        f"sqlite={sqlite3.sqlite_version}"
+    )
+    tar = results["tar_xzf_seconds"]
+    assert isinstance(tar, dict)
+    print(
+        f"{'tar xzf':<28} median {tar['median']:.3f} s  min {tar['min']:.3f}  max {tar['max']:.3f}"
+    )
+    for durability in ("off", "normal"):
+        res = results[durability]
+        assert isinstance(res, dict)
+        s, sm = res["install_seconds"], res["sm_install_seconds"]
+        print(
+            f"{'install, durability ' + durability:<28} median {s['median']:.3f} s  "
+            f"min {s['min']:.3f}  max {s['max']:.3f}  (state machine part {sm['median']:.3f} s)  "
+            f"ratio vs tar {res['ratio_vs_tar_xzf']:.2f}x  "
+            f"peak RSS growth {res['rss_growth_mib_max']:.1f} MiB"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--install-child"]:
+        install_child(*argv[1:4])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--value-size", type=int, default=64)
+    parser.add_argument(
+        "--value-size", type=int, default=None, help="default 64; 100 with --install"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--keys", choices=["sequential", "random"], default="sequential")
     parser.add_argument(
@@ -124,7 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=None, help="where to put the databases")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--install", action="store_true", help="measure snapshot install")
+    parser.add_argument("--snapshot-keys", type=int, default=200_000, help="with --install")
     args = parser.parse_args(argv)
+    if args.install:
+        args.value_size = args.value_size or 100
+        return install_main(args)
+    args.value_size = args.value_size or 64
     if args.entries < 1 or args.batch < 1 or args.repeat < 1:
         parser.error("--entries, --batch and --repeat must be >= 1")
     durabilities = args.durability or ["full", "normal"]

@@ -589,10 +589,14 @@ class SqliteStateMachine(Closing, StateMachine):
             raise SnapshotError(f"cannot reopen {self._path} after install: {exc}") from exc
 
     def flush(self) -> None:
-        """Make every applied batch durable, whatever ``durability`` says.
+        """Make every applied batch and installed snapshot durable, whatever
+        ``durability`` says.
 
         Fsyncs the database and its WAL directly rather than waiting on a
-        FULL checkpoint, which a pinned snapshot read would block.
+        FULL checkpoint, which a pinned snapshot read would block (with
+        ``"full"`` every commit already fsynced the WAL), then the directory
+        (an install's rename). The handler calls it before it publishes an
+        archive of this state.
         """
         with self._write_lock:
             db = self._writer()
@@ -606,7 +610,7 @@ class SqliteStateMachine(Closing, StateMachine):
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-                self._fs.fsync_dir(Path(self._path).parent)
+            self._fs.fsync_dir(Path(self._path).parent)
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def reset(self) -> None:

@@ -106,11 +106,24 @@ class StateMachine(abc.ABC):
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         """Replace the whole state with the snapshot unpacked in ``dir``.
 
-        Afterwards ``last_applied()`` is ``meta.last_included``.
+        Afterwards ``last_applied()`` is ``meta.last_included``. ``dir`` is
+        scratch space the handler removes afterwards: files may be moved out
+        of it. On an error the state must be unchanged.
         """
 
     @abc.abstractmethod
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Make every applied batch and installed snapshot durable before returning.
+
+        The handler calls it after a snapshot's data is written and before
+        the archive is renamed into place (create), and after
+        ``apply_snapshot_from_file`` before the received archive is kept
+        (install): an archive must never be ahead of the state after a power
+        loss. Runs on the snapshot's thread, possibly while ``apply_chunk``
+        and ``get`` run on others. A state machine that keeps nothing across
+        restarts may do nothing (the handler then reports the state as behind
+        its newest archive at start-up).
+        """
 
     @abc.abstractmethod
     def reset(self) -> None:
