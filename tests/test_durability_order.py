@@ -3,11 +3,13 @@
 With ``durability="normal"`` SQLite does not fsync its WAL at commit. An
 archive says "the state is at N"; after a power loss that must never be
 ahead of the state, so the state's files are fsynced before the archive is
-renamed into place: for create and for install. Skipped without strace.
+renamed into place: for create and for install (skipped without strace).
+At start-up, a state behind its own newest archive is reported.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -15,8 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import put
 
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._handler import StateMachineHandler
+from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._sqlite import SqliteStateMachine
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
 
 CHILD = """
 import sys
@@ -110,6 +118,7 @@ def _archive_rename(name: str, path: str) -> bool:
     return name.startswith("rename") and re.search(r"/snapshot-\d+-\d+\.tar\.gz$", path) is not None
 
 
+@needs_strace
 def test_create_fsyncs_the_wal_before_publishing(tmp_path: Path) -> None:
     calls = trace(tmp_path, "create")
     db = str(tmp_path / "leader.db")
@@ -130,6 +139,7 @@ def test_create_fsyncs_the_wal_before_publishing(tmp_path: Path) -> None:
     assert calls[last_write][1] in [calls[i][1] for i in synced]
 
 
+@needs_strace
 def test_install_makes_the_new_state_durable_before_publishing(tmp_path: Path) -> None:
     calls = trace(tmp_path, "install")
     db = str(tmp_path / "follower.db")
@@ -153,3 +163,40 @@ def test_install_makes_the_new_state_durable_before_publishing(tmp_path: Path) -
     )
     dir_sync = _index(calls, lambda name, path: _is_sync(name) and path == str(tmp_path), swap)
     assert swap < dir_sync < publish, (swap, dir_sync, publish)
+
+
+def test_start_up_reports_a_state_behind_its_newest_archive(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A power loss that kept the archive but not the last commits, simulated by
+    putting back a copy of the database taken before them."""
+    db, cfg = tmp_path / "state.db", SnapshotConfig(snapshots_dir=tmp_path / "snaps", fsync=False)
+    with SqliteStateMachine(db) as sm, StateMachineHandler(sm, cfg) as h:
+        h.apply_chunk([put(i, b"k%d" % i, b"v") for i in range(1, 11)])
+        sm.flush()
+        shutil.copyfile(db, tmp_path / "at-10.db")
+        h.apply_chunk([put(i, b"k%d" % i, b"v") for i in range(11, 31)])
+        h.create_snapshot()
+        assert h.state_behind_snapshot == 0
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    shutil.copyfile(tmp_path / "at-10.db", db)
+    with (
+        caplog.at_level(logging.INFO, logger="d_engine_sm"),
+        SqliteStateMachine(db) as sm,
+        StateMachineHandler(sm, cfg) as h,
+    ):
+        assert sm.last_applied().index == 10
+        assert h.state_behind_snapshot == 20
+        assert h.metrics()["state_behind_snapshot"] == 20
+        warned = [r for r in caplog.records if "behind the newest snapshot" in r.getMessage()]
+        assert [r.levelno for r in warned] == [logging.WARNING]
+        assert "applied=10 snapshot=30" in warned[0].getMessage()
+        h.apply_chunk([put(i, b"k%d" % i, b"again") for i in range(11, 31)])
+        assert h.state_behind_snapshot == 0  # caught up by replaying the log
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="d_engine_sm"):
+        with StateMachineHandler(MemoryStateMachine(), cfg) as h:  # keeps nothing: info only
+            assert h.state_behind_snapshot == 30
+        levels = [r.levelno for r in caplog.records if "behind" in r.getMessage()]
+        assert levels == [logging.INFO]
