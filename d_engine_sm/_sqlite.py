@@ -320,9 +320,13 @@ class SqliteStateMachine(Closing, StateMachine):
 
     # -- reads -----------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
-        reader = self._reader()
+        # Hot path: _reader() and _conn() inlined for the common case.
+        reader = getattr(self._local, "reader", None) or self._reader()
         with reader.lock:
-            row = self._conn(reader).execute(SELECT_ONE, (key,)).fetchone()
+            conn = reader.conn
+            if reader.generation != self._generation or conn is None:
+                conn = self._conn(reader)
+            row = conn.execute(SELECT_ONE, (key,)).fetchone()
         if row is None:
             return None
         value, at = row
@@ -450,19 +454,18 @@ class SqliteStateMachine(Closing, StateMachine):
         While pinned, WAL checkpoints cannot pass this point, so the WAL grows
         until the snapshot is generated.
         """
-        conn = self._connect(readonly=True)
-        try:
-            conn.execute("BEGIN")
-            conn.execute("SELECT applied_index FROM meta").fetchone()  # starts the read txn
-        except BaseException:
-            conn.close()
-            raise
-        with self._snap_lock:
-            if self._closed:
+        with self._write_lock:  # never a connection to a file an install is replacing
+            self._writer()
+            conn = self._connect(readonly=True)
+            try:
+                conn.execute("BEGIN")
+                conn.execute("SELECT applied_index FROM meta").fetchone()  # starts the read txn
+            except BaseException:
                 conn.close()
-                raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
-            self._release_pinned()
-            self._pinned = conn
+                raise
+            with self._snap_lock:
+                self._release_pinned()
+                self._pinned = conn
 
     def _release_pinned(self) -> None:
         pinned, self._pinned = self._pinned, None
@@ -523,6 +526,8 @@ class SqliteStateMachine(Closing, StateMachine):
         copy.CopyFrom(meta)
         lid = copy.last_included
         source = Path(dir) / SNAPSHOT_FILE
+        if os.path.abspath(source) == self._path:
+            raise ValueError(f"cannot install the live database onto itself: {source}")
         with self._write_lock:
             self._writer()
             staged = staging_path(source, Path(self._path + _INCOMING))
