@@ -12,9 +12,10 @@ Theory of operation:
   small and lets CompareAndSwap see earlier writes of the same batch.
 * Reads use per-thread connections in WAL mode: they never block applies and
   only ever see committed transactions. Each reader connection has its own
-  lock, held for one query, so an install can park every reader. ``last_applied``, the term history
-  and the snapshot metadata are also cached in Python (replaced, never
-  mutated, after each commit) so the handler's hot queries touch no file.
+  lock, held for one query, so an install can park every reader.
+  ``last_applied``, the term history and the snapshot metadata are also
+  cached in Python (replaced, never mutated, after each commit) so the
+  handler's hot queries touch no file.
 * ``prepare_snapshot`` opens a read transaction on a dedicated connection
   (microseconds); ``generate_snapshot_data`` copies that pinned view with the
   SQLite backup API into a standalone file while applies continue.
