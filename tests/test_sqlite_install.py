@@ -170,7 +170,24 @@ def _corrupt_btree(path: Path) -> None:
         f.write(os.urandom(page - 8))
 
 
-HOSTILE["corrupt-btree"] = (_corrupt_btree, "quick_check failed|not a readable SQLite")
+HOSTILE["corrupt-btree"] = (_corrupt_btree, "integrity_check failed|not a readable SQLite")
+
+
+def _lying_index(path: Path) -> None:
+    """kv_expiry with the canonical SQL but missing the rows it should index."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("DROP INDEX kv_expiry")
+        db.execute("CREATE INDEX kv_expiry ON kv(expires_at) WHERE expires_at > 1e12")
+        db.execute("INSERT INTO kv VALUES (x'01', x'02', 100.0)")
+        db.execute("PRAGMA writable_schema = ON")
+        db.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX kv_expiry ON kv(expires_at)"
+            " WHERE expires_at IS NOT NULL' WHERE name = 'kv_expiry'"
+        )
+        db.execute("PRAGMA journal_mode = DELETE")
+
+
+HOSTILE["index-lies"] = (_lying_index, "integrity_check failed.*kv_expiry")
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
