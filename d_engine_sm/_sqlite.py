@@ -511,7 +511,7 @@ class SqliteStateMachine(Closing, StateMachine):
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         """Replace the whole state with ``dir/state.sqlite3`` by replacing the file.
 
-        The received file is validated (header, schema objects, quick_check,
+        The received file is validated (header, schema objects, integrity_check,
         column types; bounded by ``validate_timeout``), given ``meta`` as its
         applied LogId, fsynced, and renamed over the database: it is *moved*
         out of ``dir``. Readers on other threads see the old or the new
