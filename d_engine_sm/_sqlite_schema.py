@@ -31,6 +31,7 @@ import shutil
 import sqlite3
 import time
 import urllib.parse
+from contextlib import suppress
 from pathlib import Path
 from typing import Final
 
@@ -93,8 +94,10 @@ def check_header(path: Path) -> None:
         raise CorruptSnapshotError(
             str(path), f"not in rollback-journal mode (file format {head[18]}/{head[19]})"
         )
+    if head[24:28] != head[92:96]:
+        raise CorruptSnapshotError(str(path), "header page count is not valid (stale header)")
     pages = int.from_bytes(head[28:32], "big")
-    if head[24:28] != head[92:96] or pages * page_size != size:
+    if pages * page_size != size:
         raise CorruptSnapshotError(
             str(path),
             f"header declares {pages} pages of {page_size} bytes but the file has {size} bytes",
@@ -231,5 +234,10 @@ def staging_path(source: Path, incoming: Path) -> Path:
         return source  # stage() reports the missing file
     if same_device:
         return source
-    shutil.copyfile(source, incoming)
+    try:
+        shutil.copyfile(source, incoming)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(incoming)  # a partial copy (a full disk, say)
+        raise
     return incoming

@@ -8,13 +8,15 @@ node applying; a good install afterwards must succeed.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -142,6 +144,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], object], str]] = {
         lambda p: patch_header(p, 60, (7).to_bytes(4, "big")),
         "user_version=7",
     ),
+    "stale-page-count": (lambda p: patch_header(p, 92, b"\xff" * 4), "not valid"),
     "wal-mode": (lambda p: patch_header(p, 18, b"\x02\x02"), "rollback-journal mode"),
     "bad-page-size": (lambda p: patch_header(p, 16, b"\x03\x00"), "invalid page size"),
     "side-wal": (
@@ -354,3 +357,39 @@ def test_install_from_another_file_system(tmp_path: Path) -> None:
         assert not (tmp_path / "live.db-incoming").exists()
     finally:
         shutil.rmtree(snap)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+        timeout=10,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=10)
+
+
+def test_full_disk_while_copying_in_changes_nothing(tmp_path: Path, small_disk: Path) -> None:
+    """The database lives on a 2 MiB disk; a 4 MiB snapshot on another disk cannot be copied in."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    good_file(snap / SNAPSHOT_FILE, {b"k%05d" % i: os.urandom(200) for i in range(15_000)})
+    assert os.path.getsize(snap / SNAPSHOT_FILE) > 3 << 20
+    with SqliteStateMachine(small_disk / "live.db") as sm:
+        sm.apply_chunk([put(1, b"old", b"1")])
+        with pytest.raises(OSError) as info:
+            sm.apply_snapshot_from_file(meta_at(9), snap)
+        assert info.value.errno == errno.ENOSPC
+        assert not (small_disk / "live.db-incoming").exists()
+        assert sm.items() == {b"old": b"1"} and sm.last_applied() == log_id(1, 1)
+        sm.apply_chunk([put(2, b"after", b"2")])
+        assert sm.get(b"after") == b"2"
