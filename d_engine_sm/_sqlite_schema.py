@@ -7,8 +7,8 @@ lying next to it. :func:`stage` therefore checks, cheapest first:
 
 1. no SQLite side file (``-wal``, ``-shm``, ``-journal``) next to it;
 2. its 100-byte header, read in Python before SQLite sees the file: magic,
-   page size, rollback-journal mode, the declared page count against the file
-   size, ``application_id`` and ``user_version``;
+   page size, file format, the declared page count against the file size,
+   ``application_id`` and ``user_version``;
 3. its schema objects: ``sqlite_master`` must equal, row for row (type, name,
    table and SQL text), that of a freshly created database, so exactly the
    expected tables with their column types and ``WITHOUT ROWID``, the expected
@@ -90,9 +90,11 @@ def check_header(path: Path) -> None:
     page_size = 65536 if page_size == 1 else page_size
     if page_size < 512 or page_size & (page_size - 1):
         raise CorruptSnapshotError(str(path), f"invalid page size {page_size}")
-    if head[18] != 1 or head[19] != 1:
+    # 1: rollback journal (as generated), 2: WAL (a staged file); no side file
+    # exists (checked before), so SQLite has no journal or WAL to apply.
+    if head[18] not in (1, 2) or head[19] != head[18]:
         raise CorruptSnapshotError(
-            str(path), f"not in rollback-journal mode (file format {head[18]}/{head[19]})"
+            str(path), f"unknown file format {head[18]}/{head[19]} (want 1/1 or 2/2)"
         )
     if head[24:28] != head[92:96]:
         raise CorruptSnapshotError(str(path), "header page count is not valid (stale header)")

@@ -145,7 +145,8 @@ HOSTILE: dict[str, tuple[Callable[[Path], object], str]] = {
         "user_version=7",
     ),
     "stale-page-count": (lambda p: patch_header(p, 92, b"\xff" * 4), "not valid"),
-    "wal-mode": (lambda p: patch_header(p, 18, b"\x02\x02"), "rollback-journal mode"),
+    "unknown-format": (lambda p: patch_header(p, 18, b"\x03\x03"), "unknown file format 3/3"),
+    "mixed-format": (lambda p: patch_header(p, 18, b"\x01\x02"), "unknown file format 1/2"),
     "bad-page-size": (lambda p: patch_header(p, 16, b"\x03\x00"), "invalid page size"),
     "side-wal": (
         lambda p: Path(str(p) + "-wal").write_bytes(os.urandom(4096)),
@@ -393,3 +394,23 @@ def test_full_disk_while_copying_in_changes_nothing(tmp_path: Path, small_disk: 
         assert sm.items() == {b"old": b"1"} and sm.last_applied() == log_id(1, 1)
         sm.apply_chunk([put(2, b"after", b"2")])
         assert sm.get(b"after") == b"2"
+
+
+def test_install_refused_while_another_connection_holds_the_wal(tmp_path: Path) -> None:
+    """One instance per path; a foreign reader mid-transaction blocks the checkpoint:
+    the install is refused rather than dropping WAL frames."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    good_file(snap / SNAPSHOT_FILE, {b"new": b"n"})
+    with SqliteStateMachine(tmp_path / "live.db", durability="normal") as sm:
+        sm.apply_chunk([put(1, b"old", b"1")])
+        with closing(sqlite3.connect(tmp_path / "live.db", isolation_level=None)) as other:
+            other.execute("BEGIN")
+            other.execute("SELECT count(*) FROM kv").fetchone()  # holds a WAL read mark
+            sm.apply_chunk([put(2, b"later", b"2")])
+            with pytest.raises(SnapshotError, match="in use"):
+                sm.apply_snapshot_from_file(meta_at(9), snap)
+            other.execute("COMMIT")
+        assert sm.items() == {b"old": b"1", b"later": b"2"}
+        sm.apply_snapshot_from_file(meta_at(9), snap)  # the same (already staged) file
+        assert sm.items() == {b"new": b"n"}
