@@ -559,8 +559,10 @@ class SqliteStateMachine(Closing, StateMachine):
             self._fs.announce("sqlite:install:checkpoint")
             # Our readers are parked: only a foreign connection can block this.
             self._db.execute("PRAGMA busy_timeout = 2000")
-            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            self._db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+            try:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
             if busy:  # another connection (another process?) holds the WAL: keep it
                 raise SnapshotError(f"cannot checkpoint {self._path}: database is in use")
             self._db.close()
