@@ -34,9 +34,8 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import ClassVar, Final
 
@@ -44,6 +43,7 @@ from d_engine_sm import _kv
 from d_engine_sm._closing import Closing
 from d_engine_sm._fs import DEFAULT_FILE_OPS, FileOps
 from d_engine_sm._sqlite_batch import SELECT_ONE, OverlayOps
+from d_engine_sm._sqlite_readers import ReaderPool
 from d_engine_sm._sqlite_schema import (
     _SCHEMA,
     APPLICATION_ID,
@@ -67,23 +67,6 @@ _SYNC: Final = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}
 _INCOMING: Final = "-incoming"  # a received file copied next to the database (cross-device)
 _IN_BATCH: Final = 500  # keys per IN (...) lookup: under SQLite's variable limit
 _SET_APPLIED: Final = "UPDATE meta SET applied_index = ?, applied_term = ? WHERE id = 0"
-
-
-class _Reader:
-    """One thread's read connection; ``lock`` is held for each query, and by an install."""
-
-    __slots__ = ("conn", "generation", "lock", "thread")
-
-    def __init__(self, thread: threading.Thread) -> None:
-        self.conn: sqlite3.Connection | None = None
-        self.generation = -1  # no connection yet
-        self.lock = threading.Lock()
-        self.thread = weakref.ref(thread)
-
-    def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
 
 
 class SqliteStateMachine(Closing, StateMachine):
@@ -145,14 +128,14 @@ class SqliteStateMachine(Closing, StateMachine):
             raise ValueError(f"validate_timeout must be > 0, got {validate_timeout!r}")
         self._validate_timeout = validate_timeout
         self._fs = file_ops if file_ops is not None else DEFAULT_FILE_OPS
-        # Lock order: _write_lock -> _generating -> _readers_lock -> _Reader.lock; _snap_lock
+        # Lock order: _write_lock -> _generating -> the readers' locks; _snap_lock
         self._write_lock = threading.Lock()
         self._generating = threading.Lock()  # held by generate_snapshot_data's copy
-        self._readers_lock = threading.Lock()
         self._snap_lock = threading.Lock()
-        self._local = threading.local()
-        self._readers: list[_Reader] = []
-        self._generation = 0  # bumped when the database file is swapped or closed
+        self._readers = ReaderPool(
+            lambda: self._connect(readonly=True),
+            lambda: ValueError(f"SqliteStateMachine is closed: path={self._path}"),
+        )
         self._pinned: sqlite3.Connection | None = None
         self._closed = False
         self._running = True
@@ -230,57 +213,6 @@ class SqliteStateMachine(Closing, StateMachine):
             for i, t in self._db.execute("SELECT first_index, term FROM terms ORDER BY 1")
         ]
 
-    def _reader(self) -> _Reader:
-        """This thread's reader (registered on first use); take its lock, then ``_conn``."""
-        if self._closed:
-            raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
-        reader: _Reader | None = getattr(self._local, "reader", None)
-        if reader is None:
-            reader = _Reader(threading.current_thread())
-            with self._readers_lock:
-                live = []
-                for other in self._readers:  # close connections of threads that have exited
-                    thread = other.thread()
-                    if thread is not None and thread.is_alive():
-                        live.append(other)
-                    else:
-                        other.close()
-                live.append(reader)
-                self._readers = live
-            self._local.reader = reader
-        return reader
-
-    def _conn(self, reader: _Reader) -> sqlite3.Connection:
-        """``reader``'s connection to the current file (caller holds ``reader.lock``)."""
-        if reader.generation != self._generation:
-            if self._closed:
-                raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
-            reader.close()
-            reader.conn = self._connect(readonly=True)
-            reader.generation = self._generation
-        assert reader.conn is not None
-        return reader.conn
-
-    @contextmanager
-    def _readers_parked(self) -> Iterator[None]:
-        """Inside: every reader connection closed and no query running or starting.
-
-        Readers wait on their own lock; when the block ends they reconnect to
-        whatever file is at the path then.
-        """
-        with self._readers_lock:
-            held: list[_Reader] = []
-            try:
-                for reader in self._readers:
-                    reader.lock.acquire()
-                    held.append(reader)
-                    reader.close()
-                yield
-            finally:
-                self._generation += 1
-                for reader in held:
-                    reader.lock.release()
-
     def _writer(self) -> sqlite3.Connection:
         if self._closed:
             raise ValueError(f"SqliteStateMachine is closed: path={self._path}")
@@ -314,19 +246,18 @@ class SqliteStateMachine(Closing, StateMachine):
             self._running = False
             with self._snap_lock:
                 self._release_pinned()
-            with self._readers_parked():
-                self._readers = []
+            self._readers.close()
             self._db.close()
         _log.info("closed path=%s", self._path)
 
     # -- reads -----------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
-        # Hot path: _reader() and _conn() inlined for the common case.
-        reader = getattr(self._local, "reader", None) or self._reader()
+        readers = self._readers
+        reader = readers.mine()
         with reader.lock:
-            conn = reader.conn
-            if reader.generation != self._generation or conn is None:
-                conn = self._conn(reader)
+            conn = reader.conn  # ReaderPool.conn() inlined for the common case: hot path
+            if reader.generation != readers.generation or conn is None:
+                conn = readers.conn(reader)
             row = conn.execute(SELECT_ONE, (key,)).fetchone()
         if row is None:
             return None
@@ -335,11 +266,11 @@ class SqliteStateMachine(Closing, StateMachine):
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Live values of ``keys`` (None where absent), one query per ``_IN_BATCH`` keys."""
-        reader = self._reader()
+        reader = self._readers.mine()
         now = self._clock()
         found: dict[bytes, bytes] = {}
         with reader.lock:  # one lock for the whole batch: all of it from one file
-            db = self._conn(reader)
+            db = self._readers.conn(reader)
             for start in range(0, len(keys), _IN_BATCH):
                 part = list(keys[start : start + _IN_BATCH])
                 marks = ",".join("?" * len(part))
@@ -351,16 +282,16 @@ class SqliteStateMachine(Closing, StateMachine):
 
     def __len__(self) -> int:
         """Number of stored keys, expired-but-not-cleaned ones included (O(n))."""
-        reader = self._reader()
+        reader = self._readers.mine()
         with reader.lock:
-            return int(self._conn(reader).execute("SELECT count(*) FROM kv").fetchone()[0])
+            return int(self._readers.conn(reader).execute("SELECT count(*) FROM kv").fetchone()[0])
 
     def items(self) -> dict[bytes, bytes]:
         """A copy of the live key/value pairs (expired keys left out)."""
         now = self._clock()
-        reader = self._reader()
+        reader = self._readers.mine()
         with reader.lock:
-            rows = self._conn(reader).execute(
+            rows = self._readers.conn(reader).execute(
                 "SELECT key, value FROM kv WHERE expires_at IS NULL OR expires_at > ?", (now,)
             )
             return dict(rows.fetchall())
@@ -552,7 +483,7 @@ class SqliteStateMachine(Closing, StateMachine):
         Each step names what a crash just before it leaves. Caller holds
         ``_write_lock``; caches are reloaded from whichever file ends up in place.
         """
-        with self._generating, self._readers_parked():
+        with self._generating, self._readers.parked():
             with self._snap_lock:
                 self._release_pinned()
             # Crash: the old database and its WAL, untouched.
@@ -598,6 +529,7 @@ class SqliteStateMachine(Closing, StateMachine):
             # done; opening the path again (a restart) continues from the file.
             self._closed = True
             self._running = False
+            self._readers.closed = True  # inside parked(): readers see it when released
             _log.error("reopening after install failed path=%s error=%r", self._path, exc)
             raise SnapshotError(f"cannot reopen {self._path} after install: {exc}") from exc
 
