@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Final
 
 from d_engine_sm._fs import FileOps
-from d_engine_sm.errors import CorruptSnapshotError
+from d_engine_sm.errors import CorruptSnapshotError, SnapshotError
 from d_engine_sm.proto import storage_pb2
 
 SNAPSHOT_FILE: Final = "state.sqlite3"
@@ -173,7 +173,7 @@ def _set_meta(db: sqlite3.Connection, meta: storage_pb2.SnapshotMetadata) -> Non
         raise
     mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
-        raise CorruptSnapshotError("", f"cannot switch to WAL mode (got {mode})")
+        raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode})")
 
 
 def stage(
@@ -193,6 +193,7 @@ def stage(
     Raises:
         CorruptSnapshotError: the file is missing, hostile or not of this
             schema, or validating it took longer than ``timeout`` seconds.
+        SnapshotError: writing the validated file failed.
     """
     name = str(source)
     if not source.is_file():
@@ -202,21 +203,23 @@ def stage(
             raise CorruptSnapshotError(name, f"unexpected SQLite side file {source.name}{suffix}")
     check_header(source)
     deadline = time.monotonic() + timeout
+    validated = False
     try:
         db = _open(source, deadline)
         try:
             _check_contents(db, name)
+            validated = True
             fs.announce("sqlite:install:stage")
             _set_meta(db, meta)
         finally:
             db.close()
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         if time.monotonic() > deadline:
             raise CorruptSnapshotError(
                 name, f"validation took longer than {timeout:g} s and was interrupted"
             ) from exc
-        raise CorruptSnapshotError(name, f"not a readable SQLite database: {exc}") from exc
-    except sqlite3.DatabaseError as exc:
+        if validated:  # our own write failed (a full disk, say): not the file's fault
+            raise SnapshotError(f"cannot prepare {name} for install: {exc}") from exc
         raise CorruptSnapshotError(name, f"not a readable SQLite database: {exc}") from exc
     if sync:
         fs.announce("sqlite:install:fsync")

@@ -414,3 +414,27 @@ def test_install_refused_while_another_connection_holds_the_wal(tmp_path: Path) 
         assert sm.items() == {b"old": b"1", b"later": b"2"}
         sm.apply_snapshot_from_file(meta_at(9), snap)  # the same (already staged) file
         assert sm.items() == {b"new": b"n"}
+
+
+def test_full_disk_while_preparing_is_not_called_corrupt(small_disk: Path) -> None:
+    """Validation passes; writing the snapshot's LogId into the file finds the disk
+    full: a SnapshotError (not CorruptSnapshotError), and nothing changed."""
+    snap = small_disk / "snap"
+    snap.mkdir()
+    good_file(snap / SNAPSHOT_FILE, {b"k%04d" % i: os.urandom(100) for i in range(3000)})
+    with SqliteStateMachine(small_disk / "live.db", durability="normal") as sm:
+        sm.apply_chunk([put(1, b"old", b"1")])
+        filler = small_disk / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        with pytest.raises(SnapshotError, match="cannot prepare") as info:
+            sm.apply_snapshot_from_file(meta_at(9), snap)
+        assert not isinstance(info.value, CorruptSnapshotError)
+        assert sm.items() == {b"old": b"1"} and sm.last_applied() == log_id(1, 1)
+        filler.unlink()
+        sm.apply_snapshot_from_file(meta_at(9), snap)  # room again: the same file installs
+        assert len(sm) == 3000 and sm.last_applied() == log_id(9, 1)
