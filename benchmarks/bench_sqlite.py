@@ -26,6 +26,12 @@ follower already holds 10,000 keys; durability "off" (no fsync, like tar)
 and "normal" (the received file and directory fsynced)::
 
     python benchmarks/bench_sqlite.py --install --snapshot-keys 200000 --value-size 100 --repeat 5
+
+``--stage-keys N`` adds the state machine's own part at scale: validating,
+preparing and fsyncing a received file of N keys (the step that reads the
+whole file), its time and peak RSS growth, in a fresh subprocess::
+
+    python benchmarks/bench_sqlite.py --install --stage-keys 2000000
 """
 
 from __future__ import annotations
@@ -188,6 +194,54 @@ def install_child(work: str, run: str, durability: str) -> None:
     print(json.dumps(doc))
 
 
+def stage_child(keys: str) -> None:
+    """Validate and prepare a received file of ``keys`` keys; prints seconds and RSS growth."""
+    from d_engine_sm._fs import FileOps
+    from d_engine_sm._sqlite_schema import stage
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sqlite-stage-"))
+    try:
+        path = work / "state.sqlite3"
+        db = sqlite3.connect(path, isolation_level=None)
+        for statement in _SCHEMA:
+            db.execute(statement)
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO kv(key, value) VALUES (?, ?)",
+            ((b"key-%010d" % i, os.urandom(50).hex().encode()) for i in range(int(keys))),
+        )
+        db.execute("COMMIT")
+        db.execute("PRAGMA journal_mode = DELETE")
+        db.close()
+        meta = storage_pb2.SnapshotMetadata()
+        meta.last_included.index, meta.last_included.term = int(keys), 1
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _vm("VmHWM")
+        t0 = time.perf_counter()
+        stage(path, meta, timeout=3600, fs=FileOps(), sync=True)
+        elapsed = time.perf_counter() - t0
+        doc = {"bytes": path.stat().st_size, "seconds": elapsed, "rss_growth": _vm("VmHWM") - base}
+        print(json.dumps(doc))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_stage(keys: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--stage-child", str(keys)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    got = json.loads(out.stdout)
+    return {
+        "keys": keys,
+        "file_mib": got["bytes"] / MiB,
+        "seconds": got["seconds"],
+        "rss_growth_mib": got["rss_growth"] / MiB,
+    }
+
+
 def bench_install(args: argparse.Namespace) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-sqlite-install-", dir=args.dir))
     try:
@@ -240,6 +294,8 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def install_main(args: argparse.Namespace) -> int:
     results = bench_install(args)
+    if args.stage_keys:
+        results["stage"] = bench_stage(args.stage_keys)
     if args.json:
         doc = {"keys": args.snapshot_keys, "value_size": args.value_size, "repeat": args.repeat}
         print(json.dumps(doc | results, indent=2))
@@ -264,6 +320,13 @@ def install_main(args: argparse.Namespace) -> int:
             f"ratio vs tar {res['ratio_vs_tar_xzf']:.2f}x  "
             f"peak RSS growth {res['rss_growth_mib_max']:.1f} MiB"
         )
+    staged = results.get("stage")
+    if isinstance(staged, dict):
+        print(
+            f"{'validate + prepare + fsync':<28} {staged['keys']:,} keys "
+            f"({staged['file_mib']:.0f} MiB file): {staged['seconds']:.2f} s, "
+            f"peak RSS growth {staged['rss_growth_mib']:.1f} MiB"
+        )
     return 0
 
 
@@ -271,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--install-child"]:
         install_child(*argv[1:4])
+        return 0
+    if argv[:1] == ["--stage-child"]:
+        stage_child(argv[1])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--entries", type=int, default=100_000)
@@ -287,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--install", action="store_true", help="measure snapshot install")
     parser.add_argument("--snapshot-keys", type=int, default=200_000, help="with --install")
+    parser.add_argument("--stage-keys", type=int, default=0, help="with --install (0: skip)")
     args = parser.parse_args(argv)
     if args.install:
         args.value_size = args.value_size or 100
