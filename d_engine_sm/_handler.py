@@ -478,22 +478,37 @@ class StateMachineHandler(Closing):
         return self._closed
 
     def close(self) -> None:
-        """Wake waiters with ``HandlerClosed``, end watchers. Idempotent.
+        """Stop using the state machine; wake waiters with ``HandlerClosed``. Idempotent.
+
+        Once ``close()`` returns, the handler never writes to the state machine
+        again: it waits for an apply batch, a snapshot create or an install in
+        flight on other threads, and a receive still reading chunks is aborted
+        at its next chunk (a final ``FAILED`` ack; nothing installed; a stalled
+        stream is noticed within ``chunk_timeout``). Later calls raise
+        ``HandlerClosed``. Blocking (bounded by the operation in flight); every
+        call waits the same way, so a second ``close()`` also returns only
+        once nothing runs. Called from an ``ack`` or ``progress`` callback of
+        a receive or create, it does not wait for that operation, which stops
+        before its next write. Must not be called from the state machine's own
+        methods (it would wait for itself).
 
         Does not stop the state machine (the caller owns it).
         """
         with self._cond:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
             self._cond.notify_all()
             close_listeners, self._close_listeners = self._close_listeners, ()
-        for listener in close_listeners:
-            try:
-                listener()
-            except Exception:
-                _log.exception("close listener failed")
-        self._watch.close_all()
+        if first:
+            for listener in close_listeners:
+                try:
+                    listener()
+                except Exception:
+                    _log.exception("close listener failed")
+            self._watch.close_all()
+        self._snapshots.close()  # waits for a create or receive/install in flight
+        with self._apply_lock:  # waits for an apply batch in flight; later ones see _closed
+            pass
 
 
 def _check_contiguous(entries: Sequence[common_pb2.Entry], expected: int) -> None:

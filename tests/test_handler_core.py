@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -315,3 +316,192 @@ def test_constructor_validates(config: SnapshotConfig, tmp_path: Path) -> None:
         StateMachineHandler(object(), config)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="node_id"):
         StateMachineHandler(MemoryStateMachine(), config, node_id=-1)
+
+
+# -- close(): no write to the state machine after it returns ----------------------------
+class Recording(MemoryStateMachine):
+    """Counts every write the handler makes; ``install_gate`` holds an install midway."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.install_entered = threading.Event()
+        self.install_gate = threading.Event()
+        self.install_gate.set()
+
+    def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
+        self.writes.append("apply_chunk")
+        return super().apply_chunk(entries)
+
+    def apply_snapshot_from_file(self, meta: object, dir: Path) -> None:
+        self.install_entered.set()
+        assert self.install_gate.wait(30)
+        self.writes.append("apply_snapshot_from_file")
+        super().apply_snapshot_from_file(meta, dir)  # type: ignore[arg-type]
+
+    def update_last_snapshot_metadata(self, meta: object) -> None:
+        self.writes.append("update_last_snapshot_metadata")
+        super().update_last_snapshot_metadata(meta)  # type: ignore[arg-type]
+
+    def persist_last_snapshot_metadata(self, meta: object) -> None:
+        self.writes.append("persist_last_snapshot_metadata")
+        super().persist_last_snapshot_metadata(meta)  # type: ignore[arg-type]
+
+
+def _leader_chunks(tmp_path: Path, config: SnapshotConfig) -> list[object]:
+    """A real snapshot of 300 entries, as chunks (several: chunk_size is 1 KiB)."""
+    leader_cfg = SnapshotConfig(
+        snapshots_dir=tmp_path / "leader", chunk_size=1024, fsync=False, chunk_timeout=5.0
+    )
+    with StateMachineHandler(MemoryStateMachine(), leader_cfg, node_id=1) as leader:
+        rng = random.Random(7)  # incompressible values: several chunks
+        leader.apply_chunk([put(i, b"k%d" % i, rng.randbytes(40)) for i in range(1, 301)])
+        meta, _ = leader.create_snapshot()
+        chunks = list(leader.load_snapshot_data(meta))
+    assert len(chunks) > 3
+    return chunks  # type: ignore[return-value]
+
+
+class _Gated:
+    """A chunk iterator that stops before chunk ``at`` until ``go`` is set."""
+
+    def __init__(self, chunks: list[object], at: int) -> None:
+        self.chunks, self.at = chunks, at
+        self.reached, self.go = threading.Event(), threading.Event()
+
+    def __iter__(self) -> object:
+        for seq, chunk in enumerate(self.chunks):
+            if seq == self.at:
+                self.reached.set()
+                assert self.go.wait(30)
+            yield chunk
+
+
+def _receive_in_thread(
+    h: StateMachineHandler, stream: object, acks: list[object]
+) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            h.apply_snapshot_stream_from_leader(1, stream, acks.append)  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, errors
+
+
+def _close_in_thread(h: StateMachineHandler) -> tuple[threading.Thread, threading.Event]:
+    done = threading.Event()
+
+    def run() -> None:
+        h.close()
+        done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, done
+
+
+def test_close_aborts_a_receive_reading_chunks(tmp_path: Path, config: SnapshotConfig) -> None:
+    stream = _Gated(_leader_chunks(tmp_path, config), at=2)
+    sm = Recording()
+    h = StateMachineHandler(sm, config, node_id=2)
+    acks: list[object] = []
+    receiver, errors = _receive_in_thread(h, stream, acks)
+    assert stream.reached.wait(10)  # the receive holds chunks 0-1, blocked on chunk 2
+    closer, closed = _close_in_thread(h)
+    stream.go.set()
+    closer.join(10)
+    assert closed.is_set()
+    writes_at_close = list(sm.writes)
+    receiver.join(10)
+    assert not receiver.is_alive()
+    assert writes_at_close == sm.writes == []  # nothing installed, nothing recorded
+    assert len(errors) == 1 and isinstance(errors[0], HandlerClosed), errors
+    assert acks[-1].status == acks[-1].FAILED  # type: ignore[attr-defined]
+    assert h.last_applied() == 0 and len(sm) == 0
+    assert not [p for p in config.snapshots_dir.iterdir() if p.name.startswith("temp-")]
+
+
+def test_close_waits_for_an_install_in_flight(tmp_path: Path, config: SnapshotConfig) -> None:
+    chunks = _leader_chunks(tmp_path, config)
+    sm = Recording()
+    sm.install_gate.clear()
+    h = StateMachineHandler(sm, config, node_id=2)
+    receiver, errors = _receive_in_thread(h, chunks, [])
+    assert sm.install_entered.wait(10)  # install holds the state machine
+    closer, closed = _close_in_thread(h)
+    closer.join(0.2)  # bounded look: close must still be waiting for the install
+    assert not closed.is_set()
+    sm.install_gate.set()
+    closer.join(10)
+    assert closed.is_set()
+    writes_at_close = list(sm.writes)
+    receiver.join(10)
+    assert not errors, errors
+    # The install completed and was recorded before close() returned; nothing after.
+    assert writes_at_close[0] == "apply_snapshot_from_file"
+    assert sm.writes == writes_at_close
+    assert h.last_applied() == 300
+    with pytest.raises(HandlerClosed):
+        h.apply_chunk(puts(301, 1))
+    assert sm.writes == writes_at_close
+
+
+def test_close_from_an_ack_callback_installs_nothing(
+    tmp_path: Path, config: SnapshotConfig
+) -> None:
+    chunks = _leader_chunks(tmp_path, config)
+    sm = Recording()
+    h = StateMachineHandler(sm, config, node_id=2)
+    acks: list[object] = []
+
+    def ack(message: object) -> None:
+        acks.append(message)
+        if len(acks) == 2:
+            h.close()  # on the receiving thread itself: must not wait for itself
+
+    with pytest.raises(HandlerClosed):
+        h.apply_snapshot_stream_from_leader(1, chunks, ack)  # type: ignore[arg-type]
+    assert sm.writes == []
+    assert acks[-1].status == acks[-1].FAILED  # type: ignore[attr-defined]
+
+
+def test_close_waits_for_an_apply_in_flight(config: SnapshotConfig) -> None:
+    entered, gate = threading.Event(), threading.Event()
+
+    class Slow(Recording):
+        def apply_chunk(self, entries: Sequence[common_pb2.Entry]) -> list[ApplyResult]:
+            entered.set()
+            assert gate.wait(30)
+            return super().apply_chunk(entries)
+
+    sm = Slow()
+    h = StateMachineHandler(sm, config)
+    applier = threading.Thread(target=h.apply_chunk, args=(puts(1, 5),))
+    applier.start()
+    assert entered.wait(10)
+    closer, closed = _close_in_thread(h)
+    closer.join(0.2)
+    assert not closed.is_set()
+    gate.set()
+    closer.join(10)
+    applier.join(10)
+    assert closed.is_set() and sm.writes == ["apply_chunk"]
+    with pytest.raises(HandlerClosed):
+        h.apply_chunk(puts(6, 1))
+    assert sm.writes == ["apply_chunk"] and h.last_applied() == 5
+
+
+def test_create_after_close_is_refused(config: SnapshotConfig) -> None:
+    sm = Recording()
+    h = StateMachineHandler(sm, config)
+    h.apply_chunk(puts(1, 5))
+    h.close()
+    h.close()  # idempotent, returns at once when nothing runs
+    with pytest.raises(HandlerClosed):
+        h.create_snapshot()
+    assert sm.writes == ["apply_chunk"]

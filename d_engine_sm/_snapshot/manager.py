@@ -43,6 +43,7 @@ from d_engine_sm._values import LogId
 from d_engine_sm.errors import (
     ChunkOutOfRange,
     DEngineError,
+    HandlerClosed,
     InsufficientSpace,
     ReadOnlySnapshotDir,
     SnapshotError,
@@ -96,6 +97,8 @@ class SnapshotManager:
             keep_broken=config.keep_broken,
         )
         self._guard = threading.Lock()
+        self._guard_owner: int | None = None  # thread running a create or receive
+        self._closed = False
         self._meta_lock = threading.Lock()
         self._latest: SnapshotMetadata | None = self._recover()
 
@@ -153,15 +156,39 @@ class SnapshotManager:
     def _exclusive(self) -> ExitStack:
         """Guard + directory lock, or SnapshotInProgress at once."""
         if not self._guard.acquire(blocking=False):
+            if self._closed:
+                raise HandlerClosed("handler is closed")
             raise SnapshotInProgress("a snapshot create or install is already running")
         stack = ExitStack()
-        stack.callback(self._guard.release)
+        stack.callback(self._release_guard)
+        self._guard_owner = threading.get_ident()
         try:
+            if self._closed:  # set before close() waits for the guard: checked after taking it
+                raise HandlerClosed("handler is closed")
             stack.enter_context(self._store.writer_lock())  # creates the directory
         except BaseException:
             stack.close()
             raise
         return stack
+
+    def _release_guard(self) -> None:
+        self._guard_owner = None
+        self._guard.release()
+
+    def close(self) -> None:
+        """Refuse new creates and receives; wait for the one in flight. Idempotent.
+
+        A receive still reading chunks stops at its next chunk (final FAILED
+        ack, nothing installed); an install or create already past that point
+        is waited for. Called from that operation's own callbacks (ack,
+        progress) it does not wait: the operation then stops before its next
+        write to the state machine.
+        """
+        self._closed = True
+        if self._guard_owner == threading.get_ident():
+            return
+        with self._guard:  # the create or receive in flight holds it
+            pass
 
     # -- create ----------------------------------------------------------------
     def create(self, *, progress: ProgressFn | None = None) -> tuple[SnapshotMetadata, Path]:
@@ -301,6 +328,10 @@ class SnapshotManager:
             raise SnapshotError(f"flushing the state machine failed: {exc}") from exc
 
     def _record(self, meta: SnapshotMetadata) -> None:
+        if self._closed:  # closed from a callback of this very operation: no more writes
+            _log.info("handler closed; snapshot metadata not recorded in the state machine")
+            self._set_latest(meta)
+            return
         try:
             self._fs.announce("record")
             self._sm.update_last_snapshot_metadata(meta)
@@ -466,6 +497,8 @@ class SnapshotManager:
             cleanup.callback(unpacker.abort)
             try:
                 for chunk in pump:
+                    if self._closed:
+                        raise HandlerClosed("handler closed during a snapshot receive")
                     step = rx.feed(chunk)
                     if step.data is not None:
                         if temp is None:
@@ -530,7 +563,7 @@ class SnapshotManager:
         """Swap the state for the unpacked snapshot, then keep the archive as the newest."""
         store = self._store
         lid = meta.last_included
-        failure: SnapshotError | None = None
+        failure: DEngineError | None = None
         try:
             self._fs.announce("install:apply")
         except OSError as exc:
@@ -538,7 +571,9 @@ class SnapshotManager:
             raise self._disk_error(exc, 0, "installing snapshot") from exc
         with self._pause:
             applied = self._applied()
-            if lid.index <= applied.index:
+            if self._closed:
+                failure = HandlerClosed("handler closed before the snapshot was installed")
+            elif lid.index <= applied.index:
                 failure = StaleSnapshotError(lid.index, applied.index)
             else:
                 try:
