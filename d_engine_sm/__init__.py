@@ -14,6 +14,7 @@ from d_engine_sm._worker import (
     FatalError,
     SnapshotCreated,
     SnapshotFailed,
+    SnapshotSkipped,
     WorkerEvent,
 )
 from d_engine_sm.errors import (
@@ -62,6 +63,7 @@ __all__ = [
     "SnapshotInProgress",
     "SnapshotNotFound",
     "SnapshotPolicy",
+    "SnapshotSkipped",
     "SnapshotTransferError",
     "SqliteStateMachine",
     "StaleSnapshotError",

@@ -25,6 +25,11 @@ class SnapshotPolicy(abc.ABC):
     def mark_snapshot_created(self) -> None:  # noqa: B027 - optional hook
         """Called by the handler after every successful create."""
 
+    def mark_snapshot_skipped(self) -> None:  # noqa: B027 - optional hook
+        """Called by the handler when a create found another writer at work
+        (``SnapshotInProgress``): a trigger that made no snapshot must not
+        hold the next one back, so the next check may trigger again."""
+
 
 def _check_seconds(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -36,7 +41,9 @@ class LogSizePolicy(SnapshotPolicy):
 
     Role-agnostic (followers snapshot too). No trigger when the current term
     is behind the snapshot's term, nor within ``cooldown`` seconds of the last
-    trigger. A check that does not trigger does not start the cooldown.
+    trigger. A check that does not trigger does not start the cooldown, and
+    neither does a trigger whose snapshot was skipped because another writer
+    held the directory (:meth:`mark_snapshot_skipped` withdraws it).
     """
 
     def __init__(self, threshold: int, cooldown: float, *, clock: Clock = time.monotonic) -> None:
@@ -46,6 +53,8 @@ class LogSizePolicy(SnapshotPolicy):
         self._cooldown = float(cooldown)
         self._clock = clock
         self._last_trigger: float | None = None
+        self._before_trigger: float | None = None  # restored when the trigger is withdrawn
+        self._outstanding = False  # a trigger not yet followed by created/skipped
         self._lock = threading.Lock()
 
     @staticmethod
@@ -74,8 +83,19 @@ class LogSizePolicy(SnapshotPolicy):
             now = self._clock()
             if self._last_trigger is not None and now - self._last_trigger < self._cooldown:
                 return False
-            self._last_trigger = now
+            self._before_trigger, self._last_trigger = self._last_trigger, now
+            self._outstanding = True
             return True
+
+    def mark_snapshot_created(self) -> None:
+        with self._lock:
+            self._outstanding = False
+
+    def mark_snapshot_skipped(self) -> None:
+        with self._lock:
+            if self._outstanding:  # a create without a trigger withdraws nothing
+                self._last_trigger = self._before_trigger
+                self._outstanding = False
 
 
 class TimeBasedPolicy(SnapshotPolicy):
@@ -116,3 +136,7 @@ class CompositePolicy(SnapshotPolicy):
 
     def mark_snapshot_created(self) -> None:
         self.time.mark_snapshot_created()
+        self.size.mark_snapshot_created()
+
+    def mark_snapshot_skipped(self) -> None:
+        self.size.mark_snapshot_skipped()

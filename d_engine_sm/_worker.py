@@ -42,6 +42,7 @@ from d_engine_sm._values import ApplyResult, NewCommitData
 from d_engine_sm.errors import (
     ApplyError,
     ApplyOrderError,
+    HandlerClosed,
     SnapshotInProgress,
     SubmitTimeout,
     WorkerStopped,
@@ -52,6 +53,7 @@ _log = logging.getLogger("d_engine_sm.worker")
 
 DEFAULT_MAX_BATCH: Final = 2_000
 ATEXIT_DRAIN_TIMEOUT: Final = 10.0  # seconds, shared by all live workers
+SIGNAL_SLICE: Final = 0.2  # seconds: how late a main thread waiting in shutdown sees Ctrl-C
 
 _NEW: Final = "new"
 _RUNNING: Final = "running"
@@ -94,7 +96,19 @@ class SnapshotFailed:
     error: BaseException
 
 
-WorkerEvent: TypeAlias = ApplyCompleted | FatalError | SnapshotCreated | SnapshotFailed
+@dataclass(frozen=True)
+class SnapshotSkipped:
+    """A policy-triggered snapshot was not taken: another writer (a snapshot
+    create or install in this process, or another process holding the
+    directory's ``.lock``) was at work. No cooldown started: the next applied
+    batch that carries a commit asks the policy again."""
+
+    reason: str
+
+
+WorkerEvent: TypeAlias = (
+    ApplyCompleted | FatalError | SnapshotCreated | SnapshotFailed | SnapshotSkipped
+)
 EventFn: TypeAlias = Callable[[WorkerEvent], Any]
 
 
@@ -144,6 +158,7 @@ class _Pipeline:
         self.next_index: int | None = None  # last submitted index + 1
         self.state = _NEW
         self.thread: threading.Thread | None = None
+        self.thread_done = False  # the apply loop returned (set under cond, last thing it does)
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.snapshot_running = False
         self.snapshot_thread: int | None = None
@@ -237,6 +252,10 @@ class _Pipeline:
             _log.exception("state machine failed; apply worker stopping")
             self._fail("StateMachine", exc)
             return False
+        except HandlerClosed as exc:  # closed under the worker: a shutdown order problem
+            _log.warning("handler closed under the apply worker; stopping")
+            self._fail("ApplyWorker", exc)
+            return False
         except Exception as exc:
             _log.exception("apply worker failed unexpectedly; stopping")
             self._fail("ApplyWorker", exc)
@@ -316,19 +335,30 @@ class _Pipeline:
         with self.cond:
             self.snapshot_thread = threading.get_ident()
         try:
-            event: WorkerEvent | None = None
-            try:
-                meta, path = self.handler.create_snapshot()
-                event = SnapshotCreated(meta, path)
-            except SnapshotInProgress as exc:
-                _log.debug("policy snapshot skipped: %s", exc)
-            except Exception as exc:
-                _log.warning("policy snapshot failed error=%s", exc, exc_info=True)
-                event = SnapshotFailed(exc)
+            event = self._policy_snapshot()
+            with self.cond:
+                # Before the event: whoever reacts to it may submit a batch that
+                # triggers the next snapshot (shutdown still sees this thread).
+                self.snapshot_running = False
+                self.cond.notify_all()
             if event is not None:
                 self.emit(event)
         finally:
             self._snapshot_done()
+
+    def _policy_snapshot(self) -> WorkerEvent | None:
+        try:
+            meta, path = self.handler.create_snapshot()
+        except SnapshotInProgress as exc:
+            _log.info("policy snapshot skipped reason=%s", exc)
+            return SnapshotSkipped(str(exc))
+        except HandlerClosed:
+            _log.debug("policy snapshot not taken: handler closed")
+            return None
+        except Exception as exc:
+            _log.warning("policy snapshot failed error=%s", exc, exc_info=True)
+            return SnapshotFailed(exc)
+        return SnapshotCreated(meta, path)
 
     def _snapshot_done(self) -> None:
         with self.cond:
@@ -362,6 +392,9 @@ def _apply_loop(owner: weakref.ReferenceType[ApplyWorker], pipeline: _Pipeline) 
         raise
     finally:
         _log.info("apply worker exited thread=%s owner_alive=%s", name, owner() is not None)
+        with pipeline.cond:
+            pipeline.thread_done = True
+            pipeline.cond.notify_all()
 
 
 # -- the public facade -------------------------------------------------------------
@@ -372,8 +405,9 @@ class ApplyWorker:
     ``max_batch_entries`` (a single larger batch is applied whole). Emits
     :class:`ApplyCompleted` per apply call, :class:`FatalError` when the state
     machine fails (then stops: ``submit`` raises ``WorkerStopped``),
-    :class:`SnapshotCreated` / :class:`SnapshotFailed` for policy snapshots,
-    which run on a small thread pool, never on the apply thread.
+    :class:`SnapshotCreated` / :class:`SnapshotFailed` / :class:`SnapshotSkipped`
+    for policy snapshots, which run on a small thread pool, never on the
+    apply thread.
 
     All methods are thread-safe. ``on_event`` is called with no lock held, on
     the apply thread or a snapshot thread; it must be quick (a ``queue.Queue``
@@ -510,9 +544,21 @@ class ApplyWorker:
             drain: apply everything already submitted before stopping.
             timeout: seconds to wait at most; None waits until stopped.
 
+        A ``KeyboardInterrupt`` while it waits turns a drain into a stop: the
+        batch in flight and a running snapshot are still waited for, so the
+        handler can be closed safely next, and then the interrupt is
+        re-raised (a second interrupt during that wait is not held back).
+
         Returns:
             True when the apply thread and any snapshot finished in time.
         """
+        try:
+            return self._shutdown(drain, timeout)
+        except KeyboardInterrupt:
+            self._shutdown(False, timeout)
+            raise
+
+    def _shutdown(self, drain: bool, timeout: float | None) -> bool:
         p = self._p
         deadline = None if timeout is None else time.monotonic() + timeout
         with p.cond:
@@ -530,18 +576,21 @@ class ApplyWorker:
             p.cond.notify_all()
             thread = p.thread
         here = threading.get_ident()
-        if thread is not None:
-            if thread.ident == here:
-                return False  # called from on_event: the thread exits after this batch
-            thread.join(_remaining(deadline))
-            if thread.is_alive():
-                return False
+        if thread is not None and thread.ident == here:
+            return False  # called from on_event: the thread exits after this batch
         with p.cond:
+            # Not Thread.join: on CPython 3.11 a KeyboardInterrupt inside join()
+            # can mark a still-running thread stopped, and a second join returns
+            # at once. A condition wait survives the interrupt intact.
+            if thread is not None and not _wait_for(p.cond, lambda: p.thread_done, deadline):
+                return False
             if p.snapshot_thread == here:
                 return False
-            if not p.cond.wait_for(lambda: not p.snapshot_running, _remaining(deadline)):
+            if not _wait_for(p.cond, lambda: not p.snapshot_running, deadline):
                 return False
             executor, p.executor = p.executor, None
+        if thread is not None:
+            thread.join(_remaining(deadline))  # its loop returned: only its exit is left
         if executor is not None:
             executor.shutdown(wait=True)  # idle: returns once its threads exit
         _live_workers.discard(self)
@@ -570,6 +619,22 @@ def _check_contiguous(batch: list[common_pb2.Entry]) -> None:
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _wait_for(
+    cond: threading.Condition, predicate: Callable[[], bool], deadline: float | None
+) -> bool:
+    """``cond.wait_for`` until ``deadline``; lock held. On the main thread it wakes
+    every ``SIGNAL_SLICE`` seconds: a signal that lands just before a lock wait
+    blocks is otherwise handled (Ctrl-C raised) only when the wait ends."""
+    if threading.current_thread() is not threading.main_thread():
+        return cond.wait_for(predicate, _remaining(deadline))
+    while not predicate():
+        remaining = _remaining(deadline)
+        if remaining == 0.0:
+            return False
+        cond.wait(SIGNAL_SLICE if remaining is None else min(remaining, SIGNAL_SLICE))
+    return True
 
 
 # Apply threads are daemons so a forgotten worker never blocks interpreter

@@ -119,3 +119,24 @@ def test_bad_policy_args() -> None:
         LogSizePolicy(1, -1)
     with pytest.raises(ValueError, match="interval"):
         TimeBasedPolicy(-0.5)
+
+
+def test_log_size_skipped_trigger_starts_no_cooldown() -> None:
+    clock = Clock()
+    p = LogSizePolicy(100, 3600.0, clock=clock)
+    assert p.should_trigger(ctx(100, 0))
+    p.mark_snapshot_skipped()  # another writer held the directory: no snapshot
+    assert p.should_trigger(ctx(100, 0))  # so the very next check tries again
+    p.mark_snapshot_created()
+    assert not p.should_trigger(ctx(200, 0))  # a real snapshot starts the cooldown
+    p.mark_snapshot_skipped()  # a manual create skipped: no trigger to withdraw
+    assert not p.should_trigger(ctx(300, 0))
+    clock.now += 3600.0
+    assert p.should_trigger(ctx(300, 0))
+
+
+def test_composite_skipped_trigger_starts_no_cooldown() -> None:
+    p = CompositePolicy(3600.0, 100, 3600.0, clock=Clock())
+    assert p.should_trigger(ctx(100, 0))
+    p.mark_snapshot_skipped()
+    assert p.should_trigger(ctx(100, 0))

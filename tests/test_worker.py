@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import queue
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from d_engine_sm._worker import (
     FatalError,
     SnapshotCreated,
     SnapshotFailed,
+    SnapshotSkipped,
     WorkerEvent,
 )
 from d_engine_sm.errors import (
@@ -666,3 +668,81 @@ def test_atexit_hook_drains_live_workers(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_text() == "50"
+
+
+# -- a policy snapshot that meets another writer ---------------------------------------
+CRASH_CHILD = Path(__file__).with_name("crash_child.py")
+
+
+def test_snapshot_skipped_for_another_process_then_retried(
+    tmp_path: Path, events: queue.Queue[WorkerEvent]
+) -> None:
+    directory = tmp_path / "shared"
+    holder = subprocess.Popen(  # another process sits inside a create: .lock held
+        [sys.executable, str(CRASH_CHILD), "hold", str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        # A cooldown of an hour: a skip that started it would block every retry below.
+        cfg = SnapshotConfig(
+            snapshots_dir=directory,
+            max_log_entries_before_snapshot=10,
+            snapshot_cool_down_since_last_check=3600,
+            fsync=False,
+        )
+        with ApplyWorker(make(cfg, MemoryStateMachine()), events) as w:
+            for first in (1, 21):  # each batch past the threshold tries, and is skipped
+                w.submit(puts(first, 20), LEADER)
+                assert isinstance(next_event(events), ApplyCompleted)
+                skipped = next_event(events)
+                assert isinstance(skipped, SnapshotSkipped), skipped
+                assert ".lock" in skipped.reason
+            assert w.handler.get_latest_snapshot_metadata() is None
+            holder.communicate("go\n", timeout=WAIT)  # the other writer finishes and exits
+            assert holder.returncode == 0
+            w.submit(puts(41, 20), LEADER)
+            assert isinstance(next_event(events), ApplyCompleted)
+            created = next_event(events)
+            assert isinstance(created, SnapshotCreated), created
+            assert created.metadata.last_included.index == 60
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(WAIT)
+
+
+# -- Ctrl-C inside shutdown ------------------------------------------------------------
+def test_interrupt_inside_a_draining_shutdown_stops_now_and_waits(
+    config: SnapshotConfig, events: queue.Queue[WorkerEvent]
+) -> None:
+    sm = RecordingSM(block=True)
+    w = ApplyWorker(make(config, sm), events, max_batch_entries=10)
+    w.start()
+    for first in range(1, 100, 10):
+        w.submit(puts(first, 10))
+    assert sm.entered.wait(WAIT)  # batch 1-10 in flight, 90 entries queued
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+
+    def interrupt() -> None:
+        p = w._p
+        with p.cond:  # shutdown(drain=True) has begun: state set before it waits
+            assert p.cond.wait_for(lambda: p.state == "draining", WAIT)
+        signal.pthread_kill(main, signal.SIGINT)  # KeyboardInterrupt in the main thread
+        with p.cond:  # the interrupt turned the drain into a stop
+            assert p.cond.wait_for(lambda: p.state == "stopping", WAIT), p.state
+        sm.release.set()
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    with pytest.raises(KeyboardInterrupt):
+        w.shutdown(drain=True)
+    helper.join(WAIT)
+    # It returned only after the batch in flight: nothing runs, the rest was discarded.
+    assert w._p.thread is not None and not w._p.thread.is_alive()
+    assert sm.calls == [list(range(1, 11))]
+    assert w.handler.last_applied() == 10
+    assert w.shutdown(timeout=WAIT)

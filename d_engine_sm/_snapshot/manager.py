@@ -197,6 +197,7 @@ class SnapshotManager:
             with self._exclusive():
                 meta, path = self._create_locked(progress)
         except SnapshotInProgress:
+            self._policy.mark_snapshot_skipped()  # no snapshot: no cooldown either
             raise
         except OSError as exc:  # any disk step not translated nearer to it
             self._metrics.incr("snapshot_create_errors")
