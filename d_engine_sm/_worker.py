@@ -235,7 +235,10 @@ class _Pipeline:
 
     def _discard_locked(self) -> None:
         if self.queued:
-            _log.warning(
+            # Asked for by shutdown(drain=False): info; after a failure: a warning.
+            level = logging.WARNING if self.state == _FAILED else logging.INFO
+            _log.log(
+                level,
                 "apply worker stopped; discarded batches=%d entries=%d",
                 len(self.queue),
                 self.queued,

@@ -17,6 +17,7 @@ modules that print.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sqlite3
@@ -27,6 +28,7 @@ from typing import Final
 from d_engine_sm import __version__
 from d_engine_sm._cli import demo, snapshot, transport
 from d_engine_sm._cli.common import (
+    INTERRUPTS,
     PROG,
     Parser,
     Subparsers,
@@ -57,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0 success, 1 failure, 2 bad usage, 130 interrupted.
 
-    Blocking (runs the whole command). Installs signal handlers only for
-    ``serve`` and only while it runs, from the main thread.
+    Blocking (runs the whole command). From the main thread it handles
+    SIGINT while the command runs (see ``common.Interrupts``: Ctrl-C stops
+    the command at a point where it can clean up, prints one line and
+    returns 130), and ``serve`` also SIGTERM; called with ``argv`` the
+    previous SIGINT handler is restored afterwards.
     """
     parser = build_parser()
     try:
@@ -68,27 +73,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help / --version already printed
         return exc.code if isinstance(exc.code, int) else 0
-    with _logging(bool(getattr(args, "verbose", False))):
-        try:
-            status: int = args.func(args)
-            return status
-        except _UsageError as exc:
-            error(str(exc))
-            return 2
-        except _Failure as exc:
-            error(str(exc))
-            return 1
-        except KeyboardInterrupt:
-            error("interrupted")
-            return 130
-        except (DEngineError, OSError, ValueError, TypeError, sqlite3.Error) as exc:
-            log.debug("command failed", exc_info=True)
-            error(describe(exc))
-            return 1
-        except Exception as exc:  # a bug: still one line; --verbose shows the traceback
-            log.debug("unexpected error", exc_info=True)
-            error(f"unexpected {type(exc).__name__}: {exc}")
-            return 1
+    # Run as the program (no argv): keep handling Ctrl-C until the process exits.
+    with INTERRUPTS.installed(restore=argv is not None), _logging(bool(args.verbose)):
+        status, message = _run(args)
+        if INTERRUPTS.pending:  # whatever else failed, the user asked to stop
+            status, message = 130, "interrupted"
+        if message is not None:
+            error(message)
+        return status
+
+
+def _run(args: argparse.Namespace) -> tuple[int, str | None]:
+    """The command's exit status and the one error line to print (None: none)."""
+    try:
+        status: int = args.func(args)
+        return status, None
+    except _UsageError as exc:
+        return 2, str(exc)
+    except _Failure as exc:
+        return 1, str(exc)
+    except KeyboardInterrupt:
+        return 130, "interrupted"
+    except (DEngineError, OSError, ValueError, TypeError, sqlite3.Error) as exc:
+        log.debug("command failed", exc_info=True)
+        return 1, describe(exc)
+    except Exception as exc:  # a bug: still one line; --verbose shows the traceback
+        log.debug("unexpected error", exc_info=True)
+        return 1, f"unexpected {type(exc).__name__}: {exc}"
 
 
 def build_parser() -> Parser:

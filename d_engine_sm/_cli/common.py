@@ -9,11 +9,15 @@ A command module adds its parsers in ``register(subparsers)`` through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final, NoReturn, TypeAlias
 
 from d_engine_sm._memory import MemoryStateMachine
@@ -178,3 +182,86 @@ def close_state_machine(sm: StateMachine) -> None:
     close = getattr(sm, "close", None)
     if callable(close):
         close()
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------
+class Interrupts:
+    """Where Ctrl-C (SIGINT) may interrupt a command, and what it does elsewhere.
+
+    A ``KeyboardInterrupt`` is raised only inside :meth:`interruptible`
+    blocks, and at most once per run; anywhere else (opening, closing,
+    removing, or a step that must finish such as a snapshot create) the
+    signal is remembered and the command stops at its next interruptible
+    point, or ends with exit 130 if there is none. Inside a
+    :meth:`cancelling` block the signal calls that block's ``cancel``
+    instead (it must be quick: it runs in the signal handler). So clean-up
+    code never meets an interrupt, and an impatient second Ctrl-C changes
+    nothing.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False  # a signal arrived (and may not have been raised yet)
+        self._armed = False
+        self._raised = False
+        self._cancel: Callable[[], object] | None = None
+
+    def _reset(self) -> None:
+        self.pending = self._armed = self._raised = False
+        self._cancel = None
+
+    @contextlib.contextmanager
+    def installed(self, *, restore: bool = True) -> Iterator[Interrupts]:
+        """Handle SIGINT this way while inside (main thread only; elsewhere: no-op).
+
+        ``restore=False`` keeps the handler after the block, for a process
+        about to exit: a late Ctrl-C then cannot print a traceback.
+        """
+        self._reset()  # a fresh run
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            yield self
+        finally:
+            if restore:
+                signal.signal(signal.SIGINT, previous)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = True
+        if self._armed and not self._raised:
+            self._armed = False
+            self._raised = True
+            raise KeyboardInterrupt
+        if self._cancel is not None:
+            self._cancel()
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` now if a signal arrived and none was raised yet."""
+        if self.pending and not self._raised:
+            self._raised = True
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Ctrl-C raises ``KeyboardInterrupt`` in this block (once per run)."""
+        self.check()
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    @contextlib.contextmanager
+    def cancelling(self, cancel: Callable[[], object]) -> Iterator[None]:
+        """Ctrl-C calls ``cancel()`` in this block; ``KeyboardInterrupt`` follows it."""
+        self.check()
+        self._cancel = cancel
+        try:
+            yield
+        finally:
+            self._cancel = None
+        self.check()
+
+
+INTERRUPTS: Final = Interrupts()

@@ -12,13 +12,15 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
 from d_engine_sm import _kv
 from d_engine_sm._cli.common import (
+    INTERRUPTS,
     StateSpec,
     Subparsers,
     _Failure,
@@ -86,6 +88,24 @@ def _key(i: int) -> bytes:
     return b"key-%010d" % i
 
 
+class _Stoppable(Iterator[storage_pb2.SnapshotChunk]):
+    """The leader's chunks until ``stop`` is set (from the SIGINT handler)."""
+
+    def __init__(self, chunks: Iterator[storage_pb2.SnapshotChunk]) -> None:
+        self.chunks = chunks
+        self.stop = threading.Event()
+
+    def __next__(self) -> storage_pb2.SnapshotChunk:
+        if self.stop.is_set():
+            raise ConnectionAbortedError("transfer interrupted")
+        return next(self.chunks)
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+
 class _ApplyEvents:
     """The demo's ``on_event``: what the apply step reports afterwards."""
 
@@ -151,6 +171,7 @@ class _Demo:
                         self._steps(leader, follower, threshold)
                     except DEngineError as exc:  # reported in the verdict, then exit 1
                         log.debug("demo step failed", exc_info=True)
+                        INTERRUPTS.check()  # a step cancelled by Ctrl-C: no verdict
                         self.problems.append(f"{type(exc).__name__}: {exc}")
             finally:
                 close_state_machine(follower_sm)
@@ -208,6 +229,20 @@ class _Demo:
         started = time.perf_counter()
         worker.start()
         try:
+            with INTERRUPTS.interruptible():
+                self._submit_all(worker, batches, events)
+                worker.shutdown(drain=True)  # also waits for a policy snapshot in flight
+        finally:
+            # After Ctrl-C or an error: stop after the batch in flight, and wait for a
+            # policy snapshot, before anything is closed (a no-op after the drain).
+            worker.shutdown(drain=False)
+            bar.close()
+        return self._report_apply(leader, events, max(events.last_done - started, 1e-9), threshold)
+
+    def _submit_all(
+        self, worker: ApplyWorker, batches: list[list[common_pb2.Entry]], events: _ApplyEvents
+    ) -> None:
+        try:
             for entries in batches:
                 if events.fatal:
                     break
@@ -217,10 +252,6 @@ class _Demo:
             if not events.fatal:
                 raise
             log.debug("submit stopped: %s", exc)
-        finally:
-            worker.shutdown(drain=True)  # also waits for a policy snapshot in flight
-            bar.close()
-        return self._report_apply(leader, events, max(events.last_done - started, 1e-9), threshold)
 
     def _report_apply(
         self, leader: StateMachineHandler, events: _ApplyEvents, seconds: float, threshold: int
@@ -288,15 +319,16 @@ class _Demo:
                 received_at.append(time.perf_counter())
 
         started = time.perf_counter()
-        chunks = leader.load_snapshot_data(meta)
+        chunks = _Stoppable(leader.load_snapshot_data(meta))
         try:
-            installed = follower.apply_snapshot_stream_from_leader(
-                1, chunks, acks.append, progress=progress
-            )
+            # Ctrl-C ends the stream (the follower aborts, FAILED ack, nothing installed);
+            # an install already running finishes first.
+            with INTERRUPTS.cancelling(chunks.stop.set):
+                installed = follower.apply_snapshot_stream_from_leader(
+                    1, chunks, acks.append, progress=progress
+                )
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+            chunks.close()
             bar.close()
         ended = time.perf_counter()
         received = received_at[0] if received_at else ended
@@ -315,6 +347,10 @@ class _Demo:
 
     # -- step 4: compare through the read path ------------------------------------------
     def _compare(self, leader: StateMachineHandler, follower: StateMachineHandler) -> None:
+        with INTERRUPTS.interruptible():  # reads only
+            self._compare_reads(leader, follower)
+
+    def _compare_reads(self, leader: StateMachineHandler, follower: StateMachineHandler) -> None:
         started = time.perf_counter()
         if follower.last_applied() != leader.last_applied():
             self.problems.append(

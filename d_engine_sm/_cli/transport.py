@@ -16,6 +16,7 @@ from types import FrameType
 from typing import Any, Final
 
 from d_engine_sm._cli.common import (
+    INTERRUPTS,
     StateSpec,
     Subparsers,
     _Failure,
@@ -77,10 +78,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sm = make_state_machine(spec)
     try:
         config = SnapshotConfig(snapshots_dir=directory)
-        # Signals are caught through shutdown too: a second Ctrl-C must not
-        # interrupt the server's stop or the handler's close half-way.
+        # SIGTERM stops cleanly (exit 0), Ctrl-C too but ends "interrupted" (130);
+        # neither interrupts the server's stop or the handler's close half-way.
         with (
-            _stop_signals() as stop,
+            _stop_on_sigterm() as stop,
+            INTERRUPTS.cancelling(stop.set),
             StateMachineHandler(sm, config, node_id=args.node_id) as handler,
         ):
             server, port = transport.start_server(handler, args.listen)
@@ -92,6 +94,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     pass
             finally:
                 server.stop(grace=2.0).wait(5.0)
+            # A receive still running is aborted or waited for by close() (on leaving
+            # the with): the state machine is closed only after that.
             out(f"stopped; last_applied {handler.last_applied()}")
     finally:
         close_state_machine(sm)
@@ -99,22 +103,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _stop_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM while inside (handlers restored afterwards)."""
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while inside (the handler restored afterwards)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     if threading.current_thread() is not threading.main_thread():
-        yield stop  # pragma: no cover - signals need the main thread; Ctrl-C stays default
+        yield stop  # pragma: no cover - signals need the main thread
         return
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         yield stop
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
@@ -128,7 +131,10 @@ def _cmd_send(args: argparse.Namespace) -> int:
         lid = meta.last_included
         term = lid.term if args.term is None else args.term
         started = time.perf_counter()
-        response = transport.send_snapshot(args.to, h, meta, leader_term=term, timeout=args.timeout)
+        with INTERRUPTS.interruptible():  # the call is cancelled; the peer installs nothing
+            response = transport.send_snapshot(
+                args.to, h, meta, leader_term=term, timeout=args.timeout
+            )
         seconds = time.perf_counter() - started
         size = (directory / archive_name(h.config.snapshots_dir_prefix, lid.index, lid.term)).stat()
     out(
