@@ -1,4 +1,4 @@
-"""``with`` support for everything that has an idempotent ``close()``."""
+"""``with`` / ``async with`` support for everything that has an idempotent ``close()``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from types import TracebackType
 from typing import TypeVar
 
 _C = TypeVar("_C", bound="Closing")
+_A = TypeVar("_A", bound="AsyncClosing")
 
 
 class Closing:
@@ -24,3 +25,21 @@ class Closing:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class AsyncClosing:
+    """Mixin: ``__aenter__`` returns the object, ``__aexit__`` awaits ``close()``."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self: _A) -> _A:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

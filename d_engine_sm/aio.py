@@ -30,9 +30,9 @@ import queue
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from d_engine_sm._closing import AsyncClosing
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._snapshot.streams import ProgressFn
@@ -88,7 +88,7 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) 
         _log.debug("event loop closed; dropped %d wake-ups", len(args[0]) if args else 0)
 
 
-class AsyncStateMachineHandler:
+class AsyncStateMachineHandler(AsyncClosing):
     """:class:`~d_engine_sm.StateMachineHandler` for asyncio.
 
     Safe to share between tasks and between event loops (each waiter is woken
@@ -202,17 +202,6 @@ class AsyncStateMachineHandler:
         """Unregister from the handler without closing it. Idempotent."""
         self._remove_applied()
         self._remove_close()
-
-    async def __aenter__(self) -> AsyncStateMachineHandler:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- wait_applied: native, no thread parked ----------------------------------
     async def wait_applied(self, target: int, timeout: float | None) -> None:
@@ -495,7 +484,7 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         _log.debug("abandoned submit failed error=%s", fut.exception())
 
 
-class AsyncApplyWorker:
+class AsyncApplyWorker(AsyncClosing):
     """:class:`~d_engine_sm._worker.ApplyWorker` for asyncio.
 
     Events are delivered to :attr:`events` (an unbounded ``asyncio.Queue``,
@@ -571,17 +560,13 @@ class AsyncApplyWorker:
         call = functools.partial(self._worker.shutdown, drain, timeout)
         return await loop.run_in_executor(self._executor, call)
 
+    async def close(self) -> None:
+        """``shutdown(drain=True)``: what leaving ``async with`` does."""
+        await self.shutdown(drain=True)
+
     async def __aenter__(self) -> AsyncApplyWorker:
         self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.shutdown(drain=True)
 
 
 __all__ = ["AsyncApplyWorker", "AsyncStateMachineHandler", "AsyncWatcher"]

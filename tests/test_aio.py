@@ -390,3 +390,22 @@ def test_async_apply_worker_fatal(config: SnapshotConfig) -> None:
                 await w.submit(puts(1, 1))
 
     run(main())
+
+
+def test_async_with_shares_one_mixin_and_cleans_up(config: SnapshotConfig) -> None:
+    from d_engine_sm._closing import AsyncClosing
+
+    for cls in (AsyncStateMachineHandler, AsyncApplyWorker):
+        assert issubclass(cls, AsyncClosing)
+        assert cls.__aexit__ is AsyncClosing.__aexit__  # no per-class copy
+
+    async def main() -> tuple[int, bool]:
+        sync = StateMachineHandler(MemoryStateMachine(), config, node_id=1)
+        async with AsyncStateMachineHandler(sync) as h:
+            async with AsyncApplyWorker(h) as w:
+                for first in range(1, 500, 100):
+                    await w.submit(puts(first, 100))
+            applied = await h.last_applied()  # leaving the worker drained it
+        return applied, sync.closed
+
+    assert run(main()) == (500, True)
