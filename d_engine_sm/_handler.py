@@ -27,8 +27,10 @@ manager's non-blocking guard plus the directory's ``.lock`` (see
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -104,6 +106,7 @@ class StateMachineHandler(Closing):
         self._pending_lock = threading.Lock()
         self._pending = 0
         self._closed = False
+        self._forked = False  # this object was inherited by a forked child process
         sm_applied = state_machine.last_applied()
         if last_applied_index is None:
             self._applied_index, self._applied_term = sm_applied.index, sm_applied.term
@@ -119,6 +122,7 @@ class StateMachineHandler(Closing):
         self._close_listeners: tuple[Callable[[], None], ...] = ()
         self._watch = WatchHub()
         self._metrics = new_handler_metrics()
+        _live_handlers.add(self)
         self._snapshots = SnapshotManager(
             state_machine,
             config,
@@ -222,7 +226,7 @@ class StateMachineHandler(Closing):
             if self._applied_index >= target:
                 return
             if self._closed:
-                raise HandlerClosed(f"handler closed while waiting for index {target}")
+                raise self._closed_error(f"handler closed while waiting for index {target}")
             raise ApplyTimeout(target, self._applied_index, timeout)
 
     def add_applied_listener(self, listener: AppliedListener) -> Callable[[], None]:
@@ -296,7 +300,7 @@ class StateMachineHandler(Closing):
             return []
         with self._apply_lock:
             if self._closed:
-                raise HandlerClosed("handler is closed")
+                raise self._closed_error()
             _check_contiguous(entries, self._applied_index + 1)
             first, last = entries[0], entries[-1]
             started = time.perf_counter()
@@ -335,7 +339,7 @@ class StateMachineHandler(Closing):
             HandlerClosed: the handler is closed.
         """
         if self._closed:
-            raise HandlerClosed("handler is closed")
+            raise self._closed_error()
         keys = keys if isinstance(keys, Sequence) else list(keys)
         found = [
             client_pb2.ClientResult(key=key, value=value)
@@ -469,9 +473,25 @@ class StateMachineHandler(Closing):
         )
 
     # -- lifecycle -------------------------------------------------------
+    def _closed_error(self, message: str = "handler is closed") -> HandlerClosed:
+        if self._forked:
+            message = FORKED_MESSAGE
+        return HandlerClosed(message)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: closed, with fresh locks (the parent's threads that
+        may have held them do not exist here), so every call fails at once."""
+        self._forked = True
+        self._closed = True
+        self._cond = threading.Condition(threading.Lock())
+        self._pending_lock = threading.Lock()
+        self._apply_lock = threading.Lock()
+        self._listeners = self._close_listeners = ()
+        self._snapshots.after_fork_in_child(self._apply_lock)
+
     def _check_open(self) -> None:
         if self._closed:
-            raise HandlerClosed("handler is closed")
+            raise self._closed_error()
 
     @property
     def closed(self) -> bool:
@@ -509,6 +529,26 @@ class StateMachineHandler(Closing):
         self._snapshots.close()  # waits for a create or receive/install in flight
         with self._apply_lock:  # waits for an apply batch in flight; later ones see _closed
             pass
+
+
+# Fork: a child inherits handlers whose locks may be held by parent threads that
+# do not exist in the child (an apply in flight would deadlock it forever). So
+# inherited handlers are closed in the child with fresh locks: any use raises
+# HandlerClosed naming the fork. A child makes its own handler (and its own
+# state machine connection) instead.
+FORKED_MESSAGE: Final = (
+    "handler was created in the parent process before os.fork(); create a new one in the child"
+)
+_live_handlers: weakref.WeakSet[StateMachineHandler] = weakref.WeakSet()
+
+
+def _handlers_after_fork() -> None:
+    for handler in list(_live_handlers):
+        handler._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_handlers_after_fork)
 
 
 def _check_contiguous(entries: Sequence[common_pb2.Entry], expected: int) -> None:

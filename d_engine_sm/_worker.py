@@ -15,6 +15,7 @@ It is never held while the handler applies, while a snapshot runs, or while
     NEW -> RUNNING -> DRAINING -> (thread exits)      shutdown(drain=True)
                    -> STOPPING -> (thread exits)      shutdown(drain=False)
                    -> FAILED                          the state machine failed
+    any            -> FORKED                          in a child after os.fork()
 
 Only NEW and RUNNING accept ``submit``; FAILED is final ("failed stays
 failed"). Policy snapshots run on a small ThreadPoolExecutor, at most one at
@@ -27,6 +28,7 @@ import atexit
 import concurrent.futures
 import inspect
 import logging
+import os
 import threading
 import time
 import weakref
@@ -60,6 +62,7 @@ _RUNNING: Final = "running"
 _DRAINING: Final = "draining"
 _STOPPING: Final = "stopping"
 _FAILED: Final = "failed"
+_FORKED: Final = "forked"  # inherited by a forked child: its threads are gone
 
 
 # -- events ------------------------------------------------------------------------
@@ -205,6 +208,11 @@ class _Pipeline:
             self.cond.notify_all()
 
     def _check_accepting(self) -> None:
+        if self.state == _FORKED:
+            raise WorkerStopped(
+                "apply worker was started in the parent process before os.fork(); "
+                "create a new one in the child"
+            )
         if self.state == _FAILED:
             raise WorkerStopped("apply worker stopped after a fatal state machine error")
         if self.state not in (_NEW, _RUNNING):
@@ -370,6 +378,18 @@ class _Pipeline:
             self.cond.notify_all()
 
     # -- lifecycle -----------------------------------------------------------
+    def after_fork_in_child(self) -> None:
+        """Stopped, with a fresh lock: the apply and snapshot threads (and any
+        lock they held) exist only in the parent."""
+        self.cond = threading.Condition(threading.Lock())
+        self.state = _FORKED
+        self.queue.clear()
+        self.queued = 0
+        self.in_flight = self.snapshot_running = False
+        self.thread_done = True
+        self.snapshot_thread = None
+        self.executor = None
+
     def abandon(self) -> None:
         """The facade was garbage-collected: drain what was submitted, then exit."""
         with self.cond:
@@ -658,3 +678,12 @@ def _drain_at_exit(timeout: float = ATEXIT_DRAIN_TIMEOUT) -> None:
 
 
 atexit.register(_drain_at_exit)
+
+
+def _workers_after_fork() -> None:
+    for worker in list(_live_workers):
+        worker._p.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_workers_after_fork)

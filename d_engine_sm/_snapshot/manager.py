@@ -190,6 +190,14 @@ class SnapshotManager:
         with self._guard:  # the create or receive in flight holds it
             pass
 
+    def after_fork_in_child(self, pause_applies: threading.Lock) -> None:
+        """Closed, with fresh locks: the parent's threads that held them are gone."""
+        self._closed = True
+        self._guard = threading.Lock()
+        self._guard_owner = None
+        self._meta_lock = threading.Lock()
+        self._pause = pause_applies
+
     # -- create ----------------------------------------------------------------
     def create(self, *, progress: ProgressFn | None = None) -> tuple[SnapshotMetadata, Path]:
         started = time.perf_counter()
