@@ -525,6 +525,7 @@ def test_on_event_asyncio_queue_rejected(config: SnapshotConfig) -> None:
 def test_shutdown_no_drain_discards(
     config: SnapshotConfig, events: queue.Queue[WorkerEvent], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="d_engine_sm.worker")  # a requested discard: INFO
     sm = RecordingSM(block=True)
     handler = make(config, sm)
     w = ApplyWorker(handler, events)
