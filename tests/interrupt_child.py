@@ -8,14 +8,16 @@ demo's state-machine factory as the seam: SqliteStateMachines that print
 a line arrives on stdin, so the parent can send SIGINT while the child is
 exactly there. Phases: ``policy`` (generating a policy snapshot, on the
 snapshot thread, while the main thread submits or drains), ``final`` (the
-main thread about to create the demo's final snapshot), ``install`` (the
-follower's ``apply_snapshot_from_file``). Any other PHASE never blocks.
+main thread about to create the demo's final snapshot), ``receive`` (the
+follower has two chunks of the transfer), ``install`` (the follower's
+``apply_snapshot_from_file``). Any other PHASE never blocks.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from d_engine_sm._cli import demo, main
@@ -61,6 +63,19 @@ def snapshot(
     return _snapshot(self, leader)
 
 
+class Chunks(demo._Stoppable):
+    def __init__(self, chunks: Iterator[storage_pb2.SnapshotChunk]) -> None:
+        super().__init__(chunks)
+        self.sent = 0
+
+    def __next__(self) -> storage_pb2.SnapshotChunk:
+        self.sent += 1
+        if self.sent == 3:  # two chunks received: the follower is mid-stream
+            reach("receive")
+        return super().__next__()
+
+
+demo._Stoppable = Chunks  # type: ignore[misc]
 demo._Demo._machine = machine  # type: ignore[method-assign]
 demo._Demo._snapshot = snapshot  # type: ignore[method-assign]
 

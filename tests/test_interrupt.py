@@ -25,7 +25,7 @@ PY = sys.executable
 CHILD = str(Path(__file__).with_name("interrupt_child.py"))
 WAIT = 30.0
 INTERRUPTED = "d-engine-sm: error: interrupted\n"
-DEMO = ["demo", "--entries", "4500", "--batch", "250", "--value-size", "64"]
+DEMO = ["demo", "--entries", "4500", "--batch", "250", "--value-size", "700"]  # 4 chunks
 REPEAT = 2  # each case runs this many times: the outcome must not vary
 
 
@@ -117,6 +117,7 @@ PHASES = [
     ("none", "apply: ", False),  # the main thread submitting batches
     ("policy", "phase policy", True),  # a policy snapshot generating, applies running
     ("final", "phase final", True),  # about to create the final snapshot (not interruptible)
+    ("receive", "phase receive", True),  # mid-transfer: the stream is ended, nothing installed
     ("install", "phase install", True),  # the follower installing
     ("none", "transfer  ", False),  # install done: compare or clean-up
 ]
