@@ -176,14 +176,7 @@ class SnapshotManager:
         self._guard.release()
 
     def close(self) -> None:
-        """Refuse new creates and receives; wait for the one in flight. Idempotent.
-
-        A receive still reading chunks stops at its next chunk (final FAILED
-        ack, nothing installed); an install or create already past that point
-        is waited for. Called from that operation's own callbacks (ack,
-        progress) it does not wait: the operation then stops before its next
-        write to the state machine.
-        """
+        """Refuse new creates/receives; wait for the one in flight (see the handler's)."""
         self._closed = True
         if self._guard_owner == threading.get_ident():
             return
@@ -192,11 +185,8 @@ class SnapshotManager:
 
     def after_fork_in_child(self, pause_applies: threading.Lock) -> None:
         """Closed, with fresh locks: the parent's threads that held them are gone."""
-        self._closed = True
-        self._guard = threading.Lock()
-        self._guard_owner = None
-        self._meta_lock = threading.Lock()
-        self._pause = pause_applies
+        self._closed, self._guard_owner, self._pause = True, None, pause_applies
+        self._guard, self._meta_lock = threading.Lock(), threading.Lock()
 
     # -- create ----------------------------------------------------------------
     def create(self, *, progress: ProgressFn | None = None) -> tuple[SnapshotMetadata, Path]:
