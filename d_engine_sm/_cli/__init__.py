@@ -8,6 +8,10 @@ Each command group lives in its own module that exposes
 ``register(subparsers)``: it adds its parser(s) and sets ``func``, the
 function that runs the command (``func(args) -> exit status``). The parser
 is assembled from :data:`COMMANDS`; adding a command is adding a module there.
+Ctrl-C interrupts a command anywhere, once; a command that must finish some
+steps (stop threads before closing, remove what it made) sets
+``handles_interrupts=True`` and marks its interruptible parts itself
+(``common.INTERRUPTS``).
 
 Errors are one line on stderr, ``d-engine-sm: error: ...``: exit 2 for bad
 usage, 1 for failures, 130 when interrupted, never a traceback
@@ -86,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> tuple[int, str | None]:
     """The command's exit status and the one error line to print (None: none)."""
     try:
-        status: int = args.func(args)
+        if getattr(args, "handles_interrupts", False):
+            status: int = args.func(args)
+        else:  # the default: Ctrl-C interrupts the command anywhere (once)
+            with INTERRUPTS.interruptible():
+                status = args.func(args)
         return status, None
     except _UsageError as exc:
         return 2, str(exc)

@@ -67,7 +67,7 @@ def register(subparsers: Subparsers) -> None:
     demo.add_argument("--state", choices=("sqlite", "memory"), default="sqlite")
     demo.add_argument("--batch", type=positive_int, default=1000, help="entries per submit")
     demo.add_argument("--value-size", type=non_negative_int, default=100, metavar="BYTES")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo, handles_interrupts=True)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

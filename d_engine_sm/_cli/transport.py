@@ -49,14 +49,14 @@ def register(subparsers: Subparsers) -> None:
         "--state", type=state_spec, default=StateSpec("memory"), metavar="sqlite:PATH|memory"
     )
     serve.add_argument("--node-id", type=non_negative_int, default=0, metavar="N")
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=_cmd_serve, handles_interrupts=True)
 
     send = add_command(subparsers, "send", help="push this directory's newest snapshot to a peer")
     send.add_argument("--dir", type=Path, required=True, help="snapshots directory")
     send.add_argument("--to", type=host_port, required=True, metavar="HOST:PORT")
     send.add_argument("--term", type=non_negative_int, help="leader term (default: the snapshot's)")
     send.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS")
-    send.set_defaults(func=_cmd_send)
+    send.set_defaults(func=_cmd_send, handles_interrupts=True)
 
 
 def _grpc_transport() -> Any:
