@@ -196,7 +196,8 @@ class Interrupts:
     :meth:`cancelling` block the signal calls that block's ``cancel``
     instead (it must be quick: it runs in the signal handler). So clean-up
     code never meets an interrupt, and an impatient second Ctrl-C changes
-    nothing.
+    nothing. ``main()`` runs a command inside one interruptible block unless
+    the command set ``handles_interrupts`` (then it marks its own blocks).
     """
 
     def __init__(self) -> None:
