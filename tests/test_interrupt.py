@@ -212,3 +212,51 @@ def test_send_interrupted_mid_call(tmp_path: Path, spawn: object, times: int) ->
     finally:
         server.stop(None)
     assert_nothing_left(tmp_path / "scratch", source)
+
+
+def test_serve_interrupted_mid_receive(tmp_path: Path, spawn: object) -> None:
+    """A push is half-way in when Ctrl-C comes: the receive is aborted, nothing is
+    installed or left, and the server still ends with one line and 130."""
+    grpc = pytest.importorskip("grpc")
+    import random
+    import time
+
+    from conftest import put
+
+    from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler
+    from d_engine_sm.proto import storage_pb2_grpc
+
+    source = SnapshotConfig(snapshots_dir=tmp_path / "source", chunk_size=4096, fsync=False)
+    rng = random.Random(3)
+    with StateMachineHandler(MemoryStateMachine(), source) as h:
+        h.apply_chunk([put(i, b"k%d" % i, rng.randbytes(100)) for i in range(1, 301)])
+        meta, _ = h.create_snapshot()
+        chunks = list(h.load_snapshot_data(meta))
+    assert len(chunks) > 3
+    srv = tmp_path / "srv"
+    argv = [PY, "-m", "d_engine_sm", "serve", "--dir", str(srv), "--listen", "127.0.0.1:0"]
+    child: Child = spawn(argv)  # type: ignore[operator]
+    address = child.wait_for("serving node 0 on ").split(" on ")[1].split()[0]
+    hold = threading.Event()
+
+    def stalled() -> Iterator[object]:
+        yield from chunks[:2]
+        hold.wait(WAIT)  # the push stays open, half-way
+
+    with grpc.insecure_channel(address) as channel:
+        stub = storage_pb2_grpc.SnapshotServiceStub(channel)  # type: ignore[no-untyped-call]
+        call = stub.InstallSnapshot.future(stalled(), timeout=WAIT)
+        # The receiver's temp archive is the only sign from the other process that
+        # the transfer is under way: look for it, bounded.
+        deadline = time.monotonic() + WAIT
+        while not any(p.name.startswith("temp-") for p in srv.glob("*")):
+            assert time.monotonic() < deadline, "the server never started receiving"
+            time.sleep(0.01)
+        child.interrupt(2)
+        rc, err = child.finish()
+        hold.set()
+        with pytest.raises(grpc.RpcError):
+            call.result(WAIT)
+    assert (rc, err) == (130, INTERRUPTED), child.seen
+    assert not list(srv.glob("snapshot-*"))  # nothing installed
+    assert_nothing_left(tmp_path / "scratch", srv)

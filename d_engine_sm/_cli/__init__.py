@@ -127,7 +127,8 @@ def build_parser() -> Parser:
 
 @contextlib.contextmanager
 def _logging(verbose: bool) -> Iterator[None]:
-    """Library logs to stderr for this call: INFO with ``--verbose``, else WARNING.
+    """Library logs to stderr for this call: INFO with ``--verbose``, else WARNING
+    (and, once Ctrl-C was pressed, only errors).
 
     Restored afterwards, so calling :func:`main` in-process leaves no handler behind.
     """
@@ -137,6 +138,9 @@ def _logging(verbose: bool) -> Iterator[None]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+        # After Ctrl-C, warnings about what it cut short (an aborted transfer, a
+        # discarded batch) are expected: the one "interrupted" line says it all.
+        handler.addFilter(lambda r: r.levelno >= logging.ERROR or not INTERRUPTS.pending)
     handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
     old_level = root.level
     root.addHandler(handler)
