@@ -12,7 +12,6 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,16 +88,20 @@ def _key(i: int) -> bytes:
 
 
 class _Stoppable(Iterator[storage_pb2.SnapshotChunk]):
-    """The leader's chunks until ``stop`` is set (from the SIGINT handler)."""
+    """The leader's chunks until :meth:`stop` (called from the SIGINT handler, so a
+    plain attribute: no lock the interrupted main thread might hold)."""
 
     def __init__(self, chunks: Iterator[storage_pb2.SnapshotChunk]) -> None:
         self.chunks = chunks
-        self.stop = threading.Event()
+        self.stopped = False
 
     def __next__(self) -> storage_pb2.SnapshotChunk:
-        if self.stop.is_set():
+        if self.stopped:
             raise ConnectionAbortedError("transfer interrupted")
         return next(self.chunks)
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def close(self) -> None:
         close = getattr(self.chunks, "close", None)
@@ -323,7 +326,7 @@ class _Demo:
         try:
             # Ctrl-C ends the stream (the follower aborts, FAILED ack, nothing installed);
             # an install already running finishes first.
-            with INTERRUPTS.cancelling(chunks.stop.set):
+            with INTERRUPTS.cancelling(chunks.stop):
                 installed = follower.apply_snapshot_stream_from_leader(
                     1, chunks, acks.append, progress=progress
                 )

@@ -37,6 +37,7 @@ from d_engine_sm._progress import fmt_mb
 from d_engine_sm._snapshot.naming import archive_name
 
 GRPC_HINT: Final = "pip install 'd-engine-sm[grpc]'"
+STOP_POLL: Final = 0.2  # seconds: at most this late, serve notices SIGINT/SIGTERM
 
 
 def register(subparsers: Subparsers) -> None:
@@ -82,16 +83,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # neither interrupts the server's stop or the handler's close half-way.
         with (
             _stop_on_sigterm() as stop,
-            INTERRUPTS.cancelling(stop.set),
+            INTERRUPTS.cancelling(stop.request),
             StateMachineHandler(sm, config, node_id=args.node_id) as handler,
         ):
             server, port = transport.start_server(handler, args.listen)
             try:
                 host = args.listen.rpartition(":")[0]
                 out(f"serving node {args.node_id} on {host}:{port} (snapshots in {directory})")
-                # A bounded wait per round keeps the main thread responsive to signals.
-                while not stop.wait(0.5):
-                    pass
+                # Short sleeps: the handlers only set a flag (see _StopRequest).
+                while not stop.requested:
+                    time.sleep(STOP_POLL)
             finally:
                 server.stop(grace=2.0).wait(5.0)
             # A receive still running is aborted or waited for by close() (on leaving
@@ -102,13 +103,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StopRequest:
+    """Set from signal handlers, so a plain attribute: a handler runs between
+    any two bytecodes of the main thread, possibly while it holds a lock
+    (an ``Event.set`` there could wait for the main thread itself)."""
+
+    requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event set by SIGTERM while inside (the handler restored afterwards)."""
-    stop = threading.Event()
+def _stop_on_sigterm() -> Iterator[_StopRequest]:
+    """A stop request made by SIGTERM while inside (the handler restored afterwards)."""
+    stop = _StopRequest()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        stop.request()
 
     if threading.current_thread() is not threading.main_thread():
         yield stop  # pragma: no cover - signals need the main thread
