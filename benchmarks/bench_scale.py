@@ -1,0 +1,382 @@
+"""How do create, stream and install scale, and how much memory does each take?
+
+For each built-in state machine (MemoryStateMachine, SqliteStateMachine)
+holding N keys x value-size bytes (default 2,000,000 x 100 B, about 240 MB
+of state):
+
+1. create: ``create_snapshot()`` vs ``tar czf`` of the same unpacked
+   snapshot files (target >= 4x);
+2. stream: ``load_snapshot_data`` read to the end (the sending side: every
+   chunk read and checksummed) vs ``tar xzf`` of the same archive;
+3. install: ``load_snapshot_data`` -> ``apply_snapshot_stream_from_leader``
+   in one process (send, receive, verify, unpack, load) vs ``tar xzf`` of
+   the same archive (target >= 1.5x; SQLite also at N keys);
+
+each phase in a fresh subprocess, reporting its peak RSS growth (VmHWM,
+reset just before the phase; target for a SQLite install: <= 64 MiB). Then
+the install comparison again at 200,000 keys (``--install-keys``), the
+median of ``--repeat`` runs, for both machines. Ratios are tar's time over
+ours, both measured in this run. Snapshots are written without fsync and
+SQLite runs with ``durability="normal"`` (tar does not fsync either);
+``--durable`` turns both on.
+
+    python benchmarks/bench_scale.py [--keys 2000000] [--value-size 100]
+        [--install-keys 200000] [--repeat 3] [--machines memory,sqlite]
+        [--durable] [--json]
+
+``--keys 20000 --install-keys 5000 --repeat 1`` is a quick smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from d_engine_sm import _kv
+from d_engine_sm._compress import HAVE_ISAL
+from d_engine_sm._config import SnapshotConfig
+from d_engine_sm._handler import StateMachineHandler
+from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._sqlite import SqliteStateMachine
+from d_engine_sm._state_machine import StateMachine
+from d_engine_sm.proto import storage_pb2
+
+MiB = 1 << 20
+MACHINES = ("memory", "sqlite")
+_BATCH = 20_000
+
+
+# -- the child side: one phase per process ------------------------------------------------
+class Phase:
+    """Where one machine's files live inside the work directory."""
+
+    def __init__(self, work: Path, machine: str, keys: int, value_size: int, durable: bool):
+        self.root = work / f"{machine}-{keys}"
+        self.machine = machine
+        self.keys = keys
+        self.value_size = value_size
+        self.durable = durable
+
+    @property
+    def leader_dir(self) -> Path:
+        return self.root / "leader-snapshots"
+
+    def config(self, directory: Path) -> SnapshotConfig:
+        return SnapshotConfig(
+            snapshots_dir=directory, chunk_size=MiB, fsync=self.durable, cleanup_retain_count=1
+        )
+
+    def machine_at(self, db: Path) -> StateMachine:
+        if self.machine == "memory":
+            return MemoryStateMachine()
+        return SqliteStateMachine(db, durability="full" if self.durable else "normal")
+
+    def leader(self) -> StateMachineHandler:
+        return StateMachineHandler(
+            self.machine_at(self.root / "leader.db"), self.config(self.leader_dir), node_id=1
+        )
+
+
+def _fill(h: StateMachineHandler, keys: int, value_size: int) -> None:
+    """Apply ``keys`` inserts (values: random hex, so they compress about 2x)."""
+    for first in range(1, keys + 1, _BATCH):
+        last = min(first + _BATCH, keys + 1)
+        h.apply_chunk(
+            [
+                _kv.command_entry(
+                    i, 1, _kv.insert(b"key-%010d" % i, os.urandom(value_size // 2).hex().encode())
+                )
+                for i in range(first, last)
+            ]
+        )
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_rss(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
+    """Run ``fn``; return its wall and CPU seconds, its RSS high-water growth, its result.
+
+    The high-water mark is reset first (``/proc/self/clear_refs``), so setup
+    done before does not count. CPU time (all threads) is the steadier
+    figure on a busy machine.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not allowed here: the peak may then include setup
+        print("bench_scale: cannot reset VmHWM; peaks include setup", file=sys.stderr)
+    base = _status("VmRSS")
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = fn()
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    growth = max(0, _status("VmHWM") - base)
+    return {"seconds": elapsed, "cpu_seconds": cpu, "rss_growth": growth}, result
+
+
+def _no_ack(ack: storage_pb2.SnapshotAck) -> None:
+    pass
+
+
+def child(phase: Phase, name: str, follower: Path | None, warm: bool) -> dict[str, Any]:
+    if name == "create":
+        return _child_create(phase)
+    with phase.leader() as leader:
+        meta = leader.get_latest_snapshot_metadata()
+        assert meta is not None, "run the create phase first"
+        if name == "stream":
+
+            def send() -> int:
+                return sum(len(c.data) for c in leader.load_snapshot_data(meta))
+
+            figures, sent = _peak_rss(send)
+            return {**figures, "bytes": sent}
+        assert follower is not None
+        if warm:  # one install first, so one-time costs (imports, caches) do not count
+            _install(phase, leader, meta, follower / "warm-up")
+        return _install(phase, leader, meta, follower)
+
+
+def _install(
+    phase: Phase, leader: StateMachineHandler, meta: storage_pb2.SnapshotMetadata, at: Path
+) -> dict[str, Any]:
+    sm = phase.machine_at(at / "follower.db")
+    with StateMachineHandler(sm, phase.config(at / "snapshots"), node_id=2) as f:
+        figures, _ = _peak_rss(
+            lambda: f.apply_snapshot_stream_from_leader(1, leader.load_snapshot_data(meta), _no_ack)
+        )
+        assert f.last_applied() == meta.last_included.index
+        assert len(sm) == phase.keys, (len(sm), phase.keys)
+        if isinstance(sm, SqliteStateMachine):
+            sm.close()
+    return figures
+
+
+def _child_create(phase: Phase) -> dict[str, Any]:
+    shutil.rmtree(phase.root, ignore_errors=True)
+    phase.root.mkdir(parents=True)
+    with phase.leader() as h:
+        t0 = time.perf_counter()
+        _fill(h, phase.keys, phase.value_size)
+        fill_seconds = time.perf_counter() - t0
+        figures, (_, path) = _peak_rss(h.create_snapshot)
+        if isinstance(h.state_machine, SqliteStateMachine):
+            h.state_machine.close()
+    return {
+        **figures,
+        "fill_seconds": fill_seconds,
+        "archive": str(path),
+        "archive_bytes": path.stat().st_size,
+    }
+
+
+# -- the parent side ----------------------------------------------------------------------
+def run_child(
+    args: argparse.Namespace, machine: str, keys: int, name: str, extra: list[str]
+) -> Any:
+    cmd = [sys.executable, __file__, "--child", name, machine, str(args.work), str(keys)]
+    cmd += ["--value-size", str(args.value_size), *extra]
+    if args.durable:
+        cmd.append("--durable")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def _timed_cmd(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``cmd`` (CPU: it and its children, e.g. tar's gzip)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu
+
+
+def tar_baselines(archive: Path, scratch: Path, repeat: int) -> dict[str, Any]:
+    """``tar xzf`` of the archive and ``tar czf`` of what it unpacks to, ``repeat`` times each."""
+    xzf: list[tuple[float, float]] = []
+    czf: list[tuple[float, float]] = []
+    for n in range(repeat):
+        dest = scratch / f"tar-x{n}"
+        dest.mkdir(parents=True)
+        xzf.append(_timed_cmd(["tar", "xzf", str(archive), "-C", str(dest)]))
+        if n:
+            shutil.rmtree(dest)
+    unpacked = scratch / "tar-x0"
+    raw = sum(p.stat().st_size for p in unpacked.rglob("*") if p.is_file())
+    for n in range(repeat):
+        out = scratch / f"tar-c{n}.tar.gz"
+        czf.append(_timed_cmd(["tar", "czf", str(out), "-C", str(unpacked), "."]))
+        out.unlink()
+    shutil.rmtree(unpacked)
+    return {
+        "tar_xzf_seconds": _summary([w for w, _ in xzf]),
+        "tar_xzf_cpu_seconds": _summary([c for _, c in xzf]),
+        "tar_czf_seconds": _summary([w for w, _ in czf]),
+        "tar_czf_cpu_seconds": _summary([c for _, c in czf]),
+        "raw_bytes": raw,
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _installs(
+    args: argparse.Namespace, machine: str, keys: int, repeat: int, warm: bool
+) -> list[Any]:
+    out = []
+    for n in range(repeat):
+        follower = args.work / f"{machine}-{keys}" / f"follower-{n}"
+        extra = ["--follower", str(follower)] + (["--warm"] if warm else [])
+        out.append(run_child(args, machine, keys, "install", extra))
+        shutil.rmtree(follower, ignore_errors=True)
+    return out
+
+
+def bench_machine(
+    args: argparse.Namespace, machine: str, keys: int, repeat: int, *, warm: bool
+) -> dict[str, Any]:
+    """All three phases of one machine at ``keys`` keys, with their tar baselines.
+
+    ``warm``: each install child installs once unmeasured first (the small
+    comparison, where one-time costs would show); at scale they do not matter
+    and the peak RSS of a fresh process is the figure wanted.
+    """
+    create = run_child(args, machine, keys, "create", [])
+    stream = run_child(args, machine, keys, "stream", [])
+    installs = _installs(args, machine, keys, repeat, warm)
+    tar = tar_baselines(Path(create["archive"]), args.work / f"{machine}-{keys}", repeat)
+    shutil.rmtree(args.work / f"{machine}-{keys}")
+    xzf, czf = tar["tar_xzf_seconds"]["median"], tar["tar_czf_seconds"]["median"]
+    xzf_cpu, czf_cpu = tar["tar_xzf_cpu_seconds"]["median"], tar["tar_czf_cpu_seconds"]["median"]
+    install = _summary([i["seconds"] for i in installs])
+    install_cpu = statistics.median(i["cpu_seconds"] for i in installs)
+    return {
+        "keys": keys,
+        "archive_bytes": create["archive_bytes"],
+        "raw_bytes": tar["raw_bytes"],
+        "fill_seconds": create["fill_seconds"],
+        "create": _phase(create, czf, czf_cpu),
+        "stream": _phase(stream, xzf, xzf_cpu),
+        "install": {
+            **_phase(
+                {
+                    "seconds": install["median"],
+                    "cpu_seconds": install_cpu,
+                    "rss_growth": max(i["rss_growth"] for i in installs),
+                },
+                xzf,
+                xzf_cpu,
+            ),
+            "seconds_summary": install,
+        },
+        **tar,
+    }
+
+
+def _phase(r: dict[str, Any], tar: float, tar_cpu: float) -> dict[str, Any]:
+    return {
+        "seconds": r["seconds"],
+        "cpu_seconds": r["cpu_seconds"],
+        "rss_growth_mib": r["rss_growth"] / MiB,
+        "ratio_vs_tar": tar / r["seconds"],
+        "cpu_ratio_vs_tar": tar_cpu / max(r["cpu_seconds"], 1e-9),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--keys", type=int, default=2_000_000)
+    ap.add_argument("--value-size", type=int, default=100)
+    ap.add_argument("--install-keys", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the small install comparison")
+    ap.add_argument("--machines", default=",".join(MACHINES))
+    ap.add_argument("--durable", action="store_true", help="fsync snapshots, SQLite 'full'")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--follower", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        name, machine, work, keys = args.child
+        phase = Phase(Path(work), machine, int(keys), args.value_size, args.durable)
+        print(json.dumps(child(phase, name, args.follower, args.warm)))
+        return
+    machines = [m for m in args.machines.split(",") if m]
+    if unknown := set(machines) - set(MACHINES):
+        ap.error(f"unknown machines {sorted(unknown)}; choose from {list(MACHINES)}")
+    results: dict[str, Any] = {
+        "keys": args.keys,
+        "install_keys": args.install_keys,
+        "value_size": args.value_size,
+        "isal": HAVE_ISAL,
+        "durable": args.durable,
+        "scale": {},
+        "install_small": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        args.work = Path(tmp)
+        for m in machines:
+            results["scale"][m] = bench_machine(args, m, args.keys, 1, warm=False)
+        for m in machines:
+            results["install_small"][m] = bench_machine(
+                args, m, args.install_keys, args.repeat, warm=True
+            )
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for line in _lines(results):
+        print(line)
+
+
+def _lines(r: dict[str, Any]) -> Iterator[str]:
+    yield (
+        f"value_size={r['value_size']} isal={r['isal']} durable={r['durable']}"
+        "  (ratio = tar's time / ours, same run; CPU: the same with CPU seconds)"
+    )
+    for title, block in (
+        (f"{r['keys']:,} keys, one run per phase", r["scale"]),
+        (f"{r['install_keys']:,} keys, medians", r["install_small"]),
+    ):
+        yield ""
+        yield title
+        for m, s in block.items():
+            yield (
+                f"  {m:<7} raw {s['raw_bytes'] / MiB:,.0f} MiB, archive"
+                f" {s['archive_bytes'] / MiB:,.0f} MiB (filled in {s['fill_seconds']:.1f} s)"
+            )
+            czf, xzf = s["tar_czf_seconds"]["median"], s["tar_xzf_seconds"]["median"]
+            for phase, tar, base in (
+                ("create", "czf", czf),
+                ("stream", "xzf", xzf),
+                ("install", "xzf", xzf),
+            ):
+                p = s[phase]
+                yield (
+                    f"    {phase:<8} {p['seconds']:8.3f} s  tar {tar} {base:8.3f} s"
+                    f"  ratio {p['ratio_vs_tar']:6.2f}x (CPU {p['cpu_ratio_vs_tar']:5.2f}x)"
+                    f"  peak RSS +{p['rss_growth_mib']:,.1f} MiB"
+                )
+    yield ""
+    yield "targets: create >= 4x tar czf; install >= 1.5x tar xzf (both machines at the"
+    yield "small size, SQLite also at scale); SQLite install peak RSS growth <= 64 MiB"
+
+
+if __name__ == "__main__":
+    main()
