@@ -11,10 +11,14 @@ On a MemoryStateMachine with N keys x value-size bytes:
 4. apply stall: the longest gap between consecutive apply completions while
    a create runs (target <= 100 ms);
 5. memory: RSS high-water growth (VmHWM, in a subprocess) while sending and
-   receiving a ~1 GiB snapshot of incompressible bytes (target <= 64 MiB).
+   receiving a ~1 GiB snapshot of incompressible bytes (target <= 64 MiB);
+6. with ``--compare-tree DIR`` (another checkout of the package, e.g. the
+   main branch): ``MemoryStateMachine.get`` p50 and ``apply_chunk``
+   throughput of this tree vs that one, each in subprocesses taking turns
+   (target: within 5%).
 
     python benchmarks/bench_snapshot.py [--keys 1000000] [--value-size 100]
-        [--repeat 3] [--big-gib 1] [--skip-memory] [--json]
+        [--repeat 3] [--big-gib 1] [--skip-memory] [--compare-tree DIR] [--json]
 """
 
 from __future__ import annotations
@@ -337,6 +341,63 @@ def bench_memory(work: Path, gib: float) -> dict[str, Any]:
     return result
 
 
+# -- 6. reads and applies against another tree (subprocesses) ----------------------------
+def rw_child(keys: int) -> None:
+    """Print this tree's MemoryStateMachine apply throughput and get p50."""
+    sm = MemoryStateMachine()
+    batches = [
+        [
+            _kv.command_entry(i, 1, _kv.insert(b"key-%010d" % i, b"v" * 100))
+            for i in range(first, min(first + 1000, keys + 1))
+        ]
+        for first in range(1, keys + 1, 1000)
+    ]
+    t0 = time.perf_counter()
+    for batch in batches:
+        sm.apply_chunk(batch)
+    applied = keys / (time.perf_counter() - t0)
+    probes = [b"key-%010d" % (1 + (i * 7919) % keys) for i in range(1000)]
+    get = sm.get
+    per_get = []
+    for _ in range(300):  # p50 over batches: one get is too short to time alone
+        t0 = time.perf_counter()
+        for key in probes:
+            get(key)
+        per_get.append((time.perf_counter() - t0) / len(probes) * 1e9)
+    per_get.sort()
+    print(json.dumps({"apply_per_s": applied, "get_p50_ns": per_get[len(per_get) // 2]}))
+
+
+def bench_rw(other: Path, keys: int, rounds: int) -> dict[str, Any]:
+    import d_engine_sm
+
+    ours = Path(d_engine_sm.__file__).resolve().parent.parent
+    got: dict[str, list[dict[str, float]]] = {"ours": [], "other": []}
+    for _ in range(rounds):  # taking turns, so drift in machine load hits both alike
+        for name, tree in (("ours", ours), ("other", other)):
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            out = subprocess.run(
+                [sys.executable, __file__, "--rw-child", str(keys)],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            got[name].append(json.loads(out.stdout))
+
+    def med(name: str, field: str) -> float:
+        return summary([r[field] for r in got[name]])["median"]
+
+    return {
+        "other_tree": str(other),
+        "get_p50_ns": {"ours": med("ours", "get_p50_ns"), "other": med("other", "get_p50_ns")},
+        "apply_per_s": {"ours": med("ours", "apply_per_s"), "other": med("other", "apply_per_s")},
+        # > 1 means ours is slower / faster respectively
+        "get_p50_ratio": med("ours", "get_p50_ns") / med("other", "get_p50_ns"),
+        "apply_ratio": med("ours", "apply_per_s") / med("other", "apply_per_s"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=1_000_000)
@@ -345,10 +406,15 @@ def main() -> None:
     ap.add_argument("--big-gib", type=float, default=1.0)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--compare-tree", type=Path, help="another checkout to compare get/apply")
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--rw-child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child)
+        return
+    if args.rw_child:
+        rw_child(args.rw_child)
         return
     results: dict[str, Any] = {"keys": args.keys, "value_size": args.value_size, "isal": HAVE_ISAL}
     with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
@@ -362,6 +428,8 @@ def main() -> None:
             results["stall"] = bench_stall(h, args.repeat)
         if not args.skip_memory:
             results["memory"] = bench_memory(work, args.big_gib)
+    if args.compare_tree is not None:
+        results["rw"] = bench_rw(args.compare_tree, min(args.keys, 200_000), 2 * args.repeat + 1)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -389,6 +457,16 @@ def _lines(r: dict[str, Any]) -> list[str]:
         f"  without create {st['max_apply_gap_without_create_ms'][med]:.1f} ms"
         "  (target <= 100 ms)",
     ]
+    if "rw" in r:
+        rw = r["rw"]
+        out.append(
+            f"get      p50 {rw['get_p50_ns']['ours']:.0f} ns vs {rw['get_p50_ns']['other']:.0f} ns"
+            f" in {rw['other_tree']}: {rw['get_p50_ratio']:.3f}x the time  (target <= 1.05)"
+        )
+        out.append(
+            f"apply    {rw['apply_per_s']['ours']:,.0f}/s vs {rw['apply_per_s']['other']:,.0f}/s:"
+            f" {rw['apply_ratio']:.3f}x the throughput  (target >= 0.95)"
+        )
     if "memory" in r:
         m = r["memory"]
         out.append(
