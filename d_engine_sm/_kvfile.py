@@ -77,7 +77,13 @@ def _split_page(
 
 
 def read(blob: bytes | memoryview | mmap.mmap) -> tuple[dict[bytes, bytes], dict[bytes, float]]:
-    """Parse :func:`write`'s output. Raises ValueError on any inconsistency."""
+    """Parse :func:`write`'s output. Raises ValueError on any inconsistency.
+
+    From an mmap, pages already parsed are handed back to the kernel as the
+    parse goes: a mapped file counts in the process's resident memory, and
+    the state being built is already a second copy of it.
+    """
+    release = _Release(blob) if isinstance(blob, mmap.mmap) else None
     view = memoryview(blob)
     if bytes(view[: len(MAGIC)]) != MAGIC:
         raise ValueError("not a key/value snapshot (bad magic)")
@@ -98,6 +104,8 @@ def read(blob: bytes | memoryview | mmap.mmap) -> tuple[dict[bytes, bytes], dict
         except DecodeError as exc:
             raise ValueError(f"key/value snapshot page does not decode: {exc}") from exc
         pos += size
+        if release is not None:
+            release.upto(pos)
         keys, values = page.keys, page.values
         if len(keys) != len(values) or len(page.ttl_positions) != len(page.ttl_expiry):
             raise ValueError("key/value snapshot page has unpaired entries")
@@ -110,3 +118,29 @@ def read(blob: bytes | memoryview | mmap.mmap) -> tuple[dict[bytes, bytes], dict
     if len(data) != pairs:
         raise ValueError("key/value snapshot has duplicate keys")
     return data, expiry
+
+
+class _Release:
+    """Drops the mapped pages of a file below an offset (``MADV_DONTNEED``).
+
+    The mapping stays valid: on a file mapping, a page touched again is read
+    back from the file, so this only ever costs time, never correctness.
+    """
+
+    _STEP: Final = 8 << 20  # bytes between two madvise calls
+
+    def __init__(self, mapped: mmap.mmap) -> None:
+        self._mapped = mapped
+        self._done = 0
+        self._advice = getattr(mmap, "MADV_DONTNEED", None)
+
+    def upto(self, offset: int) -> None:
+        end = offset - offset % mmap.PAGESIZE
+        if self._advice is None or end - self._done < self._STEP:
+            return
+        try:
+            self._mapped.madvise(self._advice, self._done, end - self._done)
+        except (OSError, ValueError):  # advice only: keep parsing
+            self._advice = None
+            return
+        self._done = end

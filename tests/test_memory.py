@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import io
+import mmap
+import os
+from pathlib import Path
 
 import pytest
 from conftest import put
@@ -149,3 +152,34 @@ def test_kvfile_round_trip_and_rejects_garbage() -> None:
     for bad in (b"", blob[:10], b"X" + blob[1:], blob + b"\0", blob[:-1]):
         with pytest.raises(ValueError):
             _kvfile.read(bad)
+
+
+def _mapped_rss_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                inside = head[-1] == path
+            elif inside and line.startswith("Rss:"):
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_kvfile_read_from_mmap_hands_parsed_pages_back(tmp_path: Path) -> None:
+    # About 40 MiB over several pages: the parse must not keep the whole
+    # mapping resident (it would double the memory an install needs).
+    data = {b"key-%08d" % i: (b"%08d" % i) * 128 for i in range(40_000)}
+    expiry = {b"key-%08d" % i: 1e9 + i for i in range(0, 40_000, 997)}
+    path = tmp_path / "kv.bin"
+    with open(path, "wb") as out:
+        _kvfile.write(out, data, expiry)
+    size = path.stat().st_size
+    assert size > 32 << 20
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        back, back_expiry = _kvfile.read(mapped)
+        resident = _mapped_rss_kib(str(path)) * 1024
+    assert back == data and back_expiry == expiry
+    assert resident <= size // 2, f"{resident} of {size} mapped bytes still resident"
