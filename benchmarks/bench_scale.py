@@ -318,6 +318,8 @@ def main() -> None:
         phase = Phase(Path(work), machine, int(keys), args.value_size, args.durable)
         print(json.dumps(child(phase, name, args.follower, args.warm)))
         return
+    if min(args.keys, args.install_keys, args.repeat, args.value_size) < 1:
+        ap.error("--keys, --install-keys, --repeat and --value-size must be >= 1")
     machines = [m for m in args.machines.split(",") if m]
     if unknown := set(machines) - set(MACHINES):
         ap.error(f"unknown machines {sorted(unknown)}; choose from {list(MACHINES)}")
