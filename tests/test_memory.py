@@ -183,3 +183,17 @@ def test_kvfile_read_from_mmap_hands_parsed_pages_back(tmp_path: Path) -> None:
         resident = _mapped_rss_kib(str(path)) * 1024
     assert back == data and back_expiry == expiry
     assert resident <= size // 2, f"{resident} of {size} mapped bytes still resident"
+
+
+def test_kvfile_read_from_mmap_still_rejects_a_cut_file(tmp_path: Path) -> None:
+    data = {b"key-%08d" % i: b"v" * 1000 for i in range(20_000)}  # ~20 MiB, several pages
+    whole = io.BytesIO()
+    _kvfile.write(whole, data, {})
+    path = tmp_path / "kv.bin"
+    path.write_bytes(whole.getvalue()[:-100])
+    with (
+        open(path, "rb") as f,
+        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        pytest.raises(ValueError, match="overruns"),
+    ):
+        _kvfile.read(mapped)
