@@ -30,13 +30,14 @@ from d_engine_sm._cli.common import (
 )
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._progress import fmt_age, fmt_count, fmt_mb
-from d_engine_sm._snapshot import archive
+from d_engine_sm._snapshot import archive, manifest
 from d_engine_sm._snapshot.naming import BROKEN_SUFFIX, LOCK_NAME, is_temp_name, parse_archive_name
 from d_engine_sm._sqlite import APPLICATION_ID
 from d_engine_sm.errors import CorruptSnapshotError, UnsafeArchiveError
 from d_engine_sm.proto import storage_pb2
 
 _SQLITE_NAMES: Final = ("*.sqlite3", "*.sqlite", "*.db")
+_MAX_CELL: Final = 48  # characters of the MANIFEST column in ``snapshot list``
 
 
 def register(subparsers: Subparsers) -> None:
@@ -47,7 +48,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument("--prefix", default=DEFAULT_PREFIX)
     p.set_defaults(func=_cmd_list)
-    p = add_command(actions, "inspect", help="one archive: LogId, digest, members")
+    p = add_command(actions, "inspect", help="one archive: LogId, digest, manifest, members")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--prefix", default=DEFAULT_PREFIX)
     p.set_defaults(func=_cmd_inspect)
@@ -97,23 +98,49 @@ def _scan(directory: Path, prefix: str) -> _DirListing:
     return found
 
 
+def _escaped(text: str) -> str:
+    """``text`` with each unprintable character escaped (manifest strings come from the archive)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 # -- snapshot list ------------------------------------------------------------------------
+def _manifest_cell(path: Path) -> str:
+    """The MANIFEST column: what the archive says it holds (reads at most ~4 KiB)."""
+    try:
+        cell = _escaped(manifest.summary(archive.read_manifest(path)))
+    except CorruptSnapshotError:
+        return "bad manifest"
+    # Its strings come from the archive: keep a hostile one from widening the table.
+    return cell if len(cell) <= _MAX_CELL else cell[: _MAX_CELL - 1] + "…"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     directory = existing_dir(args.dir)
     listing = _scan(directory, check_prefix(args.prefix))
     now = time.time()
-    if listing.archives:
-        out(f"{'INDEX':>12} {'TERM':>6} {'SIZE':>11} {'AGE':>7}  {'SHA256':<12}  NAME")
+    rows: list[tuple[str, str, str]] = []
     for index, term, path in listing.archives:
         try:
             st = path.stat()
             digest = archive.sha256_file(path)
+            cell = _manifest_cell(path)
         except FileNotFoundError:  # pruned since the scan
             continue
-        out(
+        head = (
             f"{index:>12} {term:>6} {fmt_mb(st.st_size):>11} {fmt_age(now - st.st_mtime):>7}"
-            f"  {short_hex(digest):<12}  {path.name}"
+            f"  {short_hex(digest):<12}"
         )
+        rows.append((head, cell, path.name))
+    if rows:
+        width = max(len("MANIFEST"), *(len(cell) for _, cell, _ in rows))
+        out(
+            f"{'INDEX':>12} {'TERM':>6} {'SIZE':>11} {'AGE':>7}  {'SHA256':<12}"
+            f"  {'MANIFEST':<{width}}  NAME"
+        )
+    for head, cell, name in rows:
+        out(f"{head}  {cell:<{width}}  {name}")
     if not listing.archives:
         out(f"no snapshot archives ({args.prefix}<index>-<term>.tar.gz) in {directory}")
     else:
@@ -142,6 +169,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         out(f"log id   index {parsed[0]} term {parsed[1]}")
     out(f"size     {size} bytes ({fmt_mb(size)})")
     out(f"sha256   {digest.hex()}")
+    try:
+        found = archive.read_manifest(path)
+    except CorruptSnapshotError as exc:
+        bad: CorruptSnapshotError | None = exc
+        out(f"manifest bad ({_escaped(exc.reason)})")
+    else:
+        bad = None
+        for line in manifest.describe(found):
+            out(_escaped(line))
     total = sum(m[1] for m in members if m[2] == "file")
     out(f"members  {len(members)} ({fmt_count(total)} bytes unpacked)")
     for name, member_size, kind in members:
@@ -150,6 +186,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if unsafe:
         shown = ", ".join(printable(name) for name in unsafe[:5])
         out(f"warning: {len(unsafe)} member(s) that safe unpack refuses: {shown}")
+    if bad is not None:  # installs and start-up recovery refuse it too
+        raise _Failure(str(bad))
     return 0
 
 
