@@ -45,6 +45,11 @@ class SnapshotConfig:
     """Resends accepted for one chunk after a CHECKSUM_MISMATCH."""
     keep_broken: int = 3
     """Corrupt archives moved aside to ``*.broken`` kept at start-up (oldest removed)."""
+    read_only: bool = False
+    """Only read the snapshots directory, writable or not: start-up recovery
+    removes and moves nothing, the policy never asks for a snapshot, and
+    create, install and cleanup raise :class:`ReadOnlySnapshotDir`. For tools
+    that inspect or send what is there."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.snapshots_dir, Path):
@@ -53,7 +58,7 @@ class SnapshotConfig:
                     "snapshots_dir must be a path, got " + type(self.snapshots_dir).__name__
                 )
             object.__setattr__(self, "snapshots_dir", Path(self.snapshots_dir))
-        for name in ("enable", "fsync"):
+        for name in ("enable", "fsync", "read_only"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
         _int_at_least("max_log_entries_before_snapshot", self.max_log_entries_before_snapshot, 1)

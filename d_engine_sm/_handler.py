@@ -366,8 +366,8 @@ class StateMachineHandler(Closing):
 
     # -- snapshots -------------------------------------------------------
     def should_snapshot(self, new_commit_data: NewCommitData) -> bool:
-        """Whether the policy asks for a snapshot now (False when disabled or busy)."""
-        if not self._config.enable or self._snapshots.in_progress():
+        """Whether the policy asks for a snapshot now (False when disabled, read-only or busy)."""
+        if not self._config.enable or self._config.read_only or self._snapshots.in_progress():
             return False
         latest = self._snapshots.latest_metadata()
         included = latest.last_included if latest is not None else LogId(term=0, index=0)
@@ -392,6 +392,7 @@ class StateMachineHandler(Closing):
 
         Raises:
             SnapshotInProgress: another create/install runs (this process or another).
+            ReadOnlySnapshotDir: the directory or the handler is read-only.
             SnapshotError: generating or writing failed (cause chained);
                 nothing was published.
             HandlerClosed: the handler is closed.
@@ -409,6 +410,7 @@ class StateMachineHandler(Closing):
         Raises:
             ValueError: ``retain_count < 1``.
             SnapshotInProgress: another writer holds the directory lock.
+            ReadOnlySnapshotDir: the directory or the handler is read-only.
         """
         return self._snapshots.cleanup(retain_count, snapshot_dir, prefix)
 
@@ -465,6 +467,7 @@ class StateMachineHandler(Closing):
             StaleSnapshotError: the snapshot is not newer than ``last_applied()``.
             UnsafeArchiveError / CorruptSnapshotError: the archive was refused.
             SnapshotInProgress: another create/install runs.
+            ReadOnlySnapshotDir: the directory or the handler is read-only.
             SnapshotError: writing or installing failed; nothing changed.
         """
         self._check_open()

@@ -135,8 +135,10 @@ def _stop_on_sigterm() -> Iterator[_StopRequest]:
 def _cmd_send(args: argparse.Namespace) -> int:
     transport = _grpc_transport()
     directory = existing_dir(args.dir)
-    # Only the archive matters: the state machine is a placeholder.
-    with StateMachineHandler(MemoryStateMachine(), SnapshotConfig(snapshots_dir=directory)) as h:
+    # Only the archive matters: the state machine is a placeholder. Read-only: the
+    # directory is left exactly as found (no leftover removed, nothing moved aside).
+    config = SnapshotConfig(snapshots_dir=directory, read_only=True)
+    with StateMachineHandler(MemoryStateMachine(), config) as h:
         meta = h.get_latest_snapshot_metadata()
         if meta is None:
             raise _Failure(f"no snapshot archive to send in {directory}")

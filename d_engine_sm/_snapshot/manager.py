@@ -111,15 +111,16 @@ class SnapshotManager:
         """Find the newest valid archive; tidy the directory only when we may write.
 
         Tidying (removing leftovers, moving corrupt archives aside) needs a
-        writable directory and the writer lock. On a read-only directory, or
-        while another process writes (its temp files are live), only look:
+        writable directory, the writer lock and a handler that may write. On a
+        read-only directory or handler, or while another process writes (its
+        temp files are live), only look:
         verify newest first, skip what fails, change nothing.
         """
         store = self._store
         if not store.directory.is_dir():
             return None
         found: tuple[ArchiveInfo, bytes] | None
-        if not store.is_writable():
+        if self._config.read_only or not store.is_writable():
             _log.info("recover without tidying (read-only) dir=%s", store.directory)
             found = store.recover(tidy=False)
         else:
@@ -153,8 +154,15 @@ class SnapshotManager:
             if current is None or meta.last_included.index >= current.last_included.index:
                 self._latest = meta
 
+    def _check_writer(self, directory: Path) -> None:
+        if self._config.read_only:
+            raise ReadOnlySnapshotDir(
+                str(directory), "read-only handler: SnapshotConfig(read_only=True)"
+            )
+
     def _exclusive(self) -> ExitStack:
         """Guard + directory lock, or SnapshotInProgress at once."""
+        self._check_writer(self._store.directory)
         if not self._guard.acquire(blocking=False):
             if self._closed:
                 raise HandlerClosed("handler is closed")
@@ -355,6 +363,9 @@ class SnapshotManager:
             raise TypeError("retain_count must be an int")
         if retain_count < 1:
             raise ValueError(f"retain_count must be >= 1, got {retain_count}")
+        self._check_writer(
+            Path(snapshot_dir) if snapshot_dir is not None else self._store.directory
+        )
         store = self._store
         if snapshot_dir is not None or prefix is not None:
             store = SnapshotStore(

@@ -1,0 +1,79 @@
+"""A ``d-engine-sm serve`` peer in a subprocess, for CLI tests that push snapshots to it."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PY = sys.executable
+
+
+def cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m d_engine_sm ARGV`` to completion, output captured."""
+    return subprocess.run(
+        [PY, "-m", "d_engine_sm", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def stdout_lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """The process's stdout lines (None at EOF), read on a thread so waits can be bounded."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+@dataclass
+class Peer:
+    proc: subprocess.Popen[str]
+    lines: queue.Queue[str | None]
+    address: str  # HOST:PORT it listens on
+
+
+@contextlib.contextmanager
+def serve(directory: Path, *extra: str, startup_timeout: float = 30) -> Iterator[Peer]:
+    """Run ``serve --dir DIRECTORY --listen 127.0.0.1:0``; killed (SIGKILL) on exit."""
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "d_engine_sm",
+            "serve",
+            "--dir",
+            str(directory),
+            "--listen",
+            "127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = stdout_lines(proc)
+        first = lines.get(timeout=startup_timeout)
+        assert first is not None and " on 127.0.0.1:" in first, first
+        yield Peer(proc, lines, first.split(" on ")[1].split()[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
