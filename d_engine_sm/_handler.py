@@ -385,7 +385,7 @@ class StateMachineHandler(Closing):
     def create_snapshot(
         self, *, progress: ProgressFn | None = None
     ) -> tuple[storage_pb2.SnapshotMetadata, Path]:
-        """Snapshot the state at the current applied LogId; see DESIGN "Create".
+        """Snapshot the state at the current applied LogId.
 
         Pauses applies only for ``prepare_snapshot`` (for the whole generate
         when the state machine has no ``prepare_snapshot``).
@@ -455,7 +455,7 @@ class StateMachineHandler(Closing):
         *,
         progress: ProgressFn | None = None,
     ) -> storage_pb2.SnapshotMetadata:
-        """Receive, verify and install a snapshot from the leader; see DESIGN "Receive".
+        """Receive, verify and install a snapshot from the leader.
 
         ``ack`` is called (no lock held) once per chunk and with a final
         ``FAILED``/``OUT_OF_ORDER`` ack on failure. On success the state

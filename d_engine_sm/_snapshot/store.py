@@ -1,6 +1,6 @@
 """The snapshots directory: every file operation on it, through the FileOps seam.
 
-Layout (DESIGN.md "Snapshots on disk")::
+Layout (the README's "Snapshots on disk")::
 
     <dir>/.lock                        one writer at a time, across processes
     <dir>/<prefix><index>-<term>.tar.gz a published archive
