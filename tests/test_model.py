@@ -26,8 +26,9 @@ up to 25 steps, derandomized; ``HYPOTHESIS_PROFILE=long`` for a soak.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 from _hypothesis_profiles import PROFILE
@@ -276,4 +277,6 @@ def test_handler_model(tmp_path: Path) -> None:
         def __init__(self) -> None:
             super().__init__(tmp_path / f"run-{next(runs)}")
 
-    run_state_machine_as_test(Bound, settings=PROFILE)
+    # Some hypothesis releases leave this function unannotated: call it through a typed name.
+    run_as_test: Callable[..., Any] = run_state_machine_as_test
+    run_as_test(Bound, settings=PROFILE)
