@@ -475,6 +475,45 @@ class StateMachineHandler(Closing):
             current_term, stream, ack, config or self._config, progress=progress
         )
 
+    def install_snapshot_from_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        last_included: LogId | None = None,
+        checksum: bytes | None = None,
+        progress: ProgressFn | None = None,
+    ) -> storage_pb2.SnapshotMetadata:
+        """Install a local archive (a backup, a copy) exactly as a received one.
+
+        The file is streamed through the receive path, so it gets the same
+        checks (size, SHA-256, safe unpack, not older than ``last_applied()``)
+        and the same all-or-nothing install; the file itself is left alone.
+
+        Args:
+            path: the archive.
+            last_included: its LogId; default parsed from the name
+                (``…<index>-<term>.tar.gz``).
+            checksum: its expected SHA-256; default computed from the file
+                (then only the archive's own integrity is checked).
+            progress: called with (phase, done_bytes, total_bytes).
+
+        Raises:
+            ValueError: no LogId given and none in the name.
+            SnapshotNotFound: the file cannot be read.
+            StaleSnapshotError: not newer than ``last_applied()``.
+            SnapshotTransferError / CorruptSnapshotError / UnsafeArchiveError:
+                the archive was refused; nothing changed.
+            SnapshotInProgress: another create/install runs.
+        """
+        self._check_open()
+        return self._snapshots.install_from_file(
+            Path(path),
+            self._config,
+            last_included=last_included,
+            checksum=checksum,
+            progress=progress,
+        )
+
     # -- lifecycle -------------------------------------------------------
     def _closed_error(self, message: str = "handler is closed") -> HandlerClosed:
         if self._forked:

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +26,7 @@ from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._fs import FileOps
 from d_engine_sm._metrics import Metrics
 from d_engine_sm._policy import SnapshotPolicy
-from d_engine_sm._snapshot import archive, chunks
+from d_engine_sm._snapshot import archive, chunks, naming
 from d_engine_sm._snapshot.manifest import new_manifest
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
 from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotStore
@@ -482,6 +483,31 @@ class SnapshotManager:
         self._metrics.observe("snapshot_receive_seconds", time.perf_counter() - started)
         return meta
 
+    def install_from_file(
+        self,
+        path: Path,
+        config: SnapshotConfig,
+        *,
+        last_included: LogId | None,
+        checksum: bytes | None,
+        progress: ProgressFn | None,
+    ) -> SnapshotMetadata:
+        """Install a local archive through the receive path (same checks, same install)."""
+        lid = last_included if last_included is not None else _log_id_from_name(path, config)
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise SnapshotNotFound(str(path), f"cannot read archive: {exc}") from exc
+        digest = checksum if checksum is not None else archive.sha256_file(path)
+        meta = _metadata(lid.index, lid.term, digest)
+        return self.receive(
+            0,
+            _file_chunks(path, size, meta, config.chunk_size),
+            lambda _ack: None,
+            config,
+            progress=progress,
+        )
+
     def _receive_locked(
         self,
         current_term: int,
@@ -677,3 +703,35 @@ def _count_keys(sm: StateMachine) -> int | None:
 
 def _tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _log_id_from_name(path: Path, config: SnapshotConfig) -> LogId:
+    """The LogId in an archive's name: ours, or any ``…<index>-<term>.tar.gz``."""
+    found = naming.parse_archive_name(path.name, config.snapshots_dir_prefix)
+    if found is None:
+        match = re.search(r"(\d+)-(\d+)\.tar\.gz$", path.name)
+        if match is None:
+            raise ValueError(
+                f"cannot tell the LogId of {path.name!r}: name it <prefix><index>-<term>.tar.gz"
+                " or pass last_included"
+            )
+        found = int(match.group(1)), int(match.group(2))
+    return LogId(index=found[0], term=found[1])
+
+
+def _file_chunks(
+    path: Path, size: int, meta: SnapshotMetadata, chunk_size: int
+) -> Iterator[storage_pb2.SnapshotChunk]:
+    """A local archive as the chunk stream a leader would send (seq 0 carries ``meta``)."""
+    total = chunks.chunk_count(size, chunk_size)
+    term = meta.last_included.term
+    with open(path, "rb") as src:
+        for seq in range(total):
+            yield chunks.make_chunk(
+                seq=seq,
+                total=total,
+                data=src.read(chunk_size),
+                leader_term=term,
+                leader_id=0,
+                metadata=meta if seq == 0 else None,
+            )
