@@ -57,7 +57,7 @@ from d_engine_sm.proto import common_pb2
 _log = logging.getLogger("d_engine_sm.pysyncobj")
 
 REGULAR: Final = 0  # PySyncObj's _COMMAND_TYPE.REGULAR
-MAX_FORWARD_PER_TICK: Final = 20_000
+MAX_FORWARD_PER_TICK: Final = 4_000
 MAX_QUEUED: Final = 200_000
 SNAPSHOT_WAIT: Final = 600.0  # seconds a compaction waits for applies to reach its point
 FAILED_BACKOFF: Final = 1.0
