@@ -46,11 +46,13 @@ from d_engine_sm._cli.common import (
 )
 from d_engine_sm._cli.demo import _Demo as _Demo  # the seam tests subclass
 from d_engine_sm.errors import DEngineError
+from d_engine_sm.integrations import _cluster_cmd
 
 COMMANDS: Final[tuple[Callable[[Subparsers], None], ...]] = (
     demo.register,
     snapshot.register,
     transport.register,
+    _cluster_cmd.register,
 )
 
 

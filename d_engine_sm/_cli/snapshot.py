@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from d_engine_sm._cli import restore
 from d_engine_sm._cli.common import (
     DEFAULT_PREFIX,
     Subparsers,
@@ -69,6 +70,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--max-bytes", type=positive_int, default=SnapshotConfig.max_unpacked_bytes)
     p.add_argument("--max-members", type=positive_int, default=SnapshotConfig.max_archive_members)
     p.set_defaults(func=_cmd_extract)
+    restore.register(actions)
 
 
 @dataclass

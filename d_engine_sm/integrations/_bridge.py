@@ -77,8 +77,7 @@ class Stats:
 
     def hook(self, started: float) -> None:
         spent = time.perf_counter() - started
-        if spent > self.max_hook_seconds:
-            self.max_hook_seconds = spent
+        self.max_hook_seconds = max(self.max_hook_seconds, spent)
 
 
 class Forwarder:
@@ -124,8 +123,7 @@ class Forwarder:
         started = time.perf_counter()
         gap = started - self._last_tick
         self._last_tick = started
-        if gap > self._stats.max_tick_gap_seconds:
-            self._stats.max_tick_gap_seconds = gap
+        self._stats.max_tick_gap_seconds = max(self._stats.max_tick_gap_seconds, gap)
         engine = self._engine()
         term = engine.raftCurrentTerm
         if term != self._last_term:
@@ -371,7 +369,11 @@ class CatchUp:
             _log.error("catch-up stopped: %s", exc)
             return
         self._stats.catch_up_seconds = time.perf_counter() - started
-        _log.info("caught up applied=%d seconds=%.3f", handler.last_applied(), self._stats.catch_up_seconds)
+        _log.info(
+            "caught up applied=%d seconds=%.3f",
+            handler.last_applied(),
+            self._stats.catch_up_seconds,
+        )
         self._on_done(handler.last_applied())
 
     def _try_once(self, needed: int) -> bool:
@@ -393,7 +395,9 @@ class CatchUp:
                 _log.warning("catch-up from %s failed: %s", source, exc)
                 continue
             self._stats.snapshots_installed += 1
-            _log.info("catch-up archive installed index=%d from=%s", meta.last_included.index, source)
+            _log.info(
+                "catch-up archive installed index=%d from=%s", meta.last_included.index, source
+            )
             if handler.last_applied() >= needed - 1:
                 return True
         return False
@@ -402,7 +406,9 @@ class CatchUp:
         name = f"{self._handler.config.snapshots_dir_prefix}{index}-{term}.tar.gz"
         path = Path(self._handler.config.snapshots_dir) / name
         try:
-            self._handler.install_snapshot_from_file(path, last_included=LogId(index=index, term=term))
+            self._handler.install_snapshot_from_file(
+                path, last_included=LogId(index=index, term=term)
+            )
         except DEngineError as exc:
             _log.warning("installing local archive %s failed: %s", path, exc)
             return

@@ -108,8 +108,8 @@ class NodeProc:
         return fut
 
     def call(self, op: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
-        """Run ``op``; raises RuntimeError with the node's message when it failed."""
-        out = self.request(op, **kw).result(timeout)
+        """Run ``op`` (the node gets ``timeout`` too); RuntimeError with its message on failure."""
+        out = self.request(op, timeout=timeout, **kw).result(timeout + 10.0)
         if not out["ok"]:
             raise RuntimeError(out["error"])
         return out
@@ -188,7 +188,11 @@ class Cluster:
         idx = among if among is not None else list(range(len(self.nodes)))
         while time.monotonic() < deadline:
             try:
-                leaders = {self.nodes[i].call("status", timeout=5)["leader"] for i in idx if self.nodes[i].running}
+                leaders = {
+                    self.nodes[i].call("status", timeout=5)["leader"]
+                    for i in idx
+                    if self.nodes[i].running
+                }
             except (RuntimeError, NodeDied, TimeoutError):
                 leaders = {None}
             if len(leaders) == 1 and None not in leaders:

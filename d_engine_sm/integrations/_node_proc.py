@@ -97,7 +97,8 @@ class Node:
 
         self.sm = SqliteStateMachine(self.dir / "state.db", durability=args.durability)
         self.handler = StateMachineHandler(
-            self.sm, SnapshotConfig(snapshots_dir=self.dir / "snapshots", fsync=args.durability != "off")
+            self.sm,
+            SnapshotConfig(snapshots_dir=self.dir / "snapshots", fsync=args.durability != "off"),
         )
         peers = dict(p.split("=", 1) for p in args.snapshot_peers.split(",") if p)
         self.node = RaftNode(
@@ -130,7 +131,9 @@ class Node:
     def op_put(self, req: dict[str, Any]) -> dict[str, Any]:
         from d_engine_sm import commands
 
-        r = self.node.propose(commands.insert(req["key"].encode(), req["value"].encode()), req.get("timeout", 5.0))
+        r = self.node.propose(
+            commands.insert(req["key"].encode(), req["value"].encode()), req.get("timeout", 5.0)
+        )
         return {"index": r.index, "succeeded": r.succeeded}
 
     def op_cas(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +141,9 @@ class Node:
 
         expected = req["expected"]
         cmd = commands.compare_and_swap(
-            req["key"].encode(), None if expected is None else expected.encode(), req["new"].encode()
+            req["key"].encode(),
+            None if expected is None else expected.encode(),
+            req["new"].encode(),
         )
         r = self.node.propose(cmd, req.get("timeout", 5.0))
         return {"index": r.index, "succeeded": r.succeeded}
@@ -151,17 +156,20 @@ class Node:
         """Write ``count`` keys with ``window`` proposals in flight; wait until applied here."""
         count, prefix, size = req["count"], req["prefix"], req["value_size"]
         window = _Window(req.get("window", 1000))
-        value = os.urandom(size // 2 + 1).hex()[:size]
+        # Distinct random values (a pool), so archives and dumps are not all repetition.
+        pool = [os.urandom(size // 2 + 1).hex()[:size] for _ in range(4096)]
         started = time.perf_counter()
         for i in range(count):
             window.sem.acquire()
             key = f"{prefix}{i:09d}"
             if self.mode == "plain":
-                self.plain.set(key, value, callback=window.callback)
+                self.plain.set(key, pool[i % 4096], callback=window.callback)
             else:
                 from d_engine_sm import commands
 
-                self.node._engine._propose(commands.insert(key.encode(), value.encode()), callback=window.callback)
+                self.node._engine._propose(
+                    commands.insert(key.encode(), pool[i % 4096].encode()), callback=window.callback
+                )
         for _ in range(req.get("window", 1000)):
             window.sem.acquire()
         self._wait_applied(window.max_index, req.get("timeout", 300.0))
@@ -221,7 +229,9 @@ class Node:
         size = 0
         if meta is not None:
             lid = meta.last_included
-            size = (self.dir / "snapshots" / f"snapshot-{lid.index}-{lid.term}.tar.gz").stat().st_size
+            size = (
+                (self.dir / "snapshots" / f"snapshot-{lid.index}-{lid.term}.tar.gz").stat().st_size
+            )
         return {"seconds": time.perf_counter() - started, "bytes": size}
 
     def close(self) -> None:
@@ -267,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.log:
         logging.basicConfig(
-            filename=args.log, level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(message)s"
+            filename=args.log,
+            level=logging.INFO,
+            format="%(asctime)s %(threadName)s %(name)s %(message)s",
         )
     node = Node(args)
     _reply({"ready": True, "pid": os.getpid()})

@@ -74,13 +74,13 @@ class ProposeError(DEngineError):
 class ProposeTimeout(ProposeError, TimeoutError):
     """No answer within the timeout: the command may still be applied."""
 
-    def __init__(self, reason: str = "TIMEOUT", maybe_applied: bool = True, detail: str = "") -> None:
+    def __init__(
+        self, reason: str = "TIMEOUT", maybe_applied: bool = True, detail: str = ""
+    ) -> None:
         super().__init__(reason, maybe_applied, detail)
 
 
-_FAIL_NAMES: Final = {
-    value: name for name, value in vars(FAIL_REASON).items() if name.isupper()
-}
+_FAIL_NAMES: Final = {value: name for name, value in vars(FAIL_REASON).items() if name.isupper()}
 # Outcomes where PySyncObj cannot know whether the entry will commit.
 _MAYBE: Final = {FAIL_REASON.LEADER_CHANGED}
 
@@ -88,7 +88,9 @@ _MAYBE: Final = {FAIL_REASON.LEADER_CHANGED}
 class _Engine(SyncObj):  # type: ignore[misc]
     """PySyncObj's node with one replicated method; all logic is in the bridge."""
 
-    def __init__(self, bridge: _bridge.Forwarder, self_addr: str, partners: Sequence[str], conf: SyncObjConf) -> None:
+    def __init__(
+        self, bridge: _bridge.Forwarder, self_addr: str, partners: Sequence[str], conf: SyncObjConf
+    ) -> None:
         self._bridge = bridge
         super().__init__(self_addr, list(partners), conf)
 
@@ -165,7 +167,13 @@ class RaftNode:
             self._shutdown()
             raise
 
-    def _start(self, self_addr: str, partners: list[str], snapshot_addr: str | None, options: dict[str, Any]) -> None:
+    def _start(
+        self,
+        self_addr: str,
+        partners: list[str],
+        snapshot_addr: str | None,
+        options: dict[str, Any],
+    ) -> None:
         handler = self._handler
         if snapshot_addr is not None:
             from d_engine_sm.transport.grpc import start_server
