@@ -151,6 +151,7 @@ class RaftNode:
         self._cluster_id = cluster_id or _default_cluster_id([self_addr, *partners])
         self._snapshot_peers = dict(snapshot_peers or {})
         self._check_identity()
+        self._started_applied = handler.last_applied()
         self._stats = _bridge.Stats()
         self._lock = threading.Lock()
         self._failed: OrderedDict[int, None] = OrderedDict()
@@ -343,6 +344,7 @@ class RaftNode:
             "commit_index": 0 if engine is None else engine.raftCommitIndex,
             "raft_last_applied": 0 if engine is None else engine.raftLastApplied,
             "last_applied": self._handler.last_applied(),
+            "started_applied": self._started_applied,
             "catching_up": self._forwarder.catching_up,
             "failed": self._fatal,
             "snapshots_created": stats.snapshots_created,
