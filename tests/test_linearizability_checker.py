@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tests._linearizability import UNKNOWN, Op, check, check_key
+from _linearizability import UNKNOWN, Op, check, check_key
 
 
 def w(v: str, call: float, ret: float, key: str = "k") -> Op:

@@ -22,8 +22,9 @@ import pytest
 pytest.importorskip("pysyncobj")
 pytest.importorskip("grpc")
 
-from d_engine_sm.integrations._cluster import Cluster, NodeDied  # noqa: E402
-from tests._linearizability import UNKNOWN, Op, check  # noqa: E402
+from _linearizability import UNKNOWN, Op, check
+
+from d_engine_sm.integrations._cluster import Cluster, NodeDied
 
 HEAVY = os.environ.get("D_ENGINE_SM_CLUSTER_HEAVY") == "1"
 heavy = pytest.mark.skipif(not HEAVY, reason="set D_ENGINE_SM_CLUSTER_HEAVY=1")
@@ -63,7 +64,9 @@ def follower_of(c: Cluster, leader: int) -> int:
 def test_replicate_and_compare(cluster: Cluster) -> None:
     leader = cluster.wait_leader()
     for i, node in enumerate(cluster.nodes):
-        assert node.call("load", count=1500, prefix=f"w{i}-", value_size=50, window=200)["errors"] == 0
+        assert (
+            node.call("load", count=1500, prefix=f"w{i}-", value_size=50, window=200)["errors"] == 0
+        )
     # Writes through any node; results come back by index.
     put = cluster.nodes[follower_of(cluster, leader)].call("put", key="a", value="1")
     assert put["succeeded"] is True
@@ -127,9 +130,11 @@ def _wiped_catch_up(cluster: Cluster, keys: int, value_size: int, min_bytes: int
     elapsed = time.monotonic() - started
     st = status_when(cluster.nodes[victim], lambda s: s["snapshots_installed"] >= 1)
     assert st["failed"] is None
-    # The transfer never stalls PySyncObj: no election, the leader stays.
-    assert lead.call("status")["term"] == term_before
-    assert cluster.wait_leader() == leader
+    # The transfer never stalls PySyncObj's tick thread, so it causes no election.
+    # (The restarted node's own candidacy before the leader reaches it may: PySyncObj
+    # has no pre-vote. That is a restart effect, counted apart.)
+    assert st["catch_up_term_changes"] == 0
+    assert lead.call("status")["term"] >= term_before
     found = digests(cluster)
     assert len({d["digest"] for d in found}) == 1
     return elapsed
@@ -182,6 +187,7 @@ def _client(c: Cluster, history: _History, seed: int, stop: threading.Event) -> 
         value = f"{seed}-{n}"
         n += 1
         call = time.monotonic()
+        arg: Any
         if kind == "write":
             fut, arg = node.request("put", key=key, value=value, timeout=5.0), value
         elif kind == "read":
@@ -237,3 +243,16 @@ def digests_when_settled(c: Cluster) -> list[dict[str, Any]]:
     for node in c.nodes:
         node.call("wait", index=target, timeout=60)
     return digests(c)
+
+
+@pytest.mark.timeout(180)
+def test_cluster_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from d_engine_sm._cli import main
+
+    work = tmp_path / "work"
+    assert main(["cluster", "--keys", "3000", "--writers", "2", "--dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "states identical on all 3 nodes: yes" in out
+    assert "linearizable reads across nodes: ok" in out
+    assert "wiped follower caught up" in out
+    assert out.rstrip().endswith("verdict: PASS")

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from pysyncobj.config import SERIALIZER_STATE
-from pysyncobj.node import TCPNode
-from pysyncobj.pickle import loads as pysyncobj_loads
+from pysyncobj.config import SERIALIZER_STATE  # type: ignore[import-untyped]
+from pysyncobj.node import TCPNode  # type: ignore[import-untyped]
+from pysyncobj.pickle import loads as pysyncobj_loads  # type: ignore[import-untyped]
 
 from d_engine_sm import _kv
 from d_engine_sm._handler import StateMachineHandler
@@ -74,6 +74,7 @@ class Stats:
     max_hook_seconds: float = 0.0
     max_tick_gap_seconds: float = 0.0
     elections_seen: int = 0
+    catch_up_term_changes: int = 0  # term moves while an archive was being fetched/installed
 
     def hook(self, started: float) -> None:
         spent = time.perf_counter() - started
@@ -104,6 +105,7 @@ class Forwarder:
         self.failed: str | None = None
         self._last_tick = time.perf_counter()
         self._last_term = -1
+        self._catch_up_term = 0
 
     @property
     def forwarded(self) -> int:
@@ -142,6 +144,7 @@ class Forwarder:
             resume, self._resume_at = self._resume_at, None
         if resume is not None:
             self.catching_up = False
+            self._stats.catch_up_term_changes += engine.raftCurrentTerm - self._catch_up_term
             self._forwarded = max(self._forwarded, resume)
             self._drop_commands_upto(self._forwarded)
         if self.catching_up:
@@ -156,6 +159,7 @@ class Forwarder:
             # The journal no longer holds what the state machine needs: PySyncObj
             # loaded a dump. Fetch an archive at or past the dump's point.
             self.catching_up = True
+            self._catch_up_term = engine.raftCurrentTerm
             _log.info("catch-up needed applied=%d journal_first=%d", low - 1, first)
             self._fetch(first)
             return
@@ -379,11 +383,11 @@ class CatchUp:
     def _try_once(self, needed: int) -> bool:
         handler = self._handler
         local = handler.get_latest_snapshot_metadata()
-        if local is not None and local.last_included.index >= needed - 1:
-            if local.last_included.index > handler.last_applied():
-                _log.info("installing local archive index=%d", local.last_included.index)
-                self._install_local(local.last_included.index, local.last_included.term)
-                return handler.last_applied() >= needed - 1
+        lid = None if local is None else local.last_included
+        if lid is not None and lid.index >= needed - 1 and lid.index > handler.last_applied():
+            _log.info("installing local archive index=%d", lid.index)
+            self._install_local(lid.index, lid.term)
+            return handler.last_applied() >= needed - 1
         from d_engine_sm.transport.grpc import pull_snapshot
 
         for source in self._sources():

@@ -157,7 +157,7 @@ class Cluster:
         ports = free_ports(2 * n)
         self.addrs = [f"127.0.0.1:{p}" for p in ports[:n]]
         self.snap_addrs = [f"127.0.0.1:{p}" for p in ports[n:]]
-        peers = ",".join(f"{a}={s}" for a, s in zip(self.addrs, self.snap_addrs))
+        peers = ",".join(f"{a}={s}" for a, s in zip(self.addrs, self.snap_addrs, strict=True))
         self.nodes: list[NodeProc] = []
         for i, addr in enumerate(self.addrs):
             argv = [

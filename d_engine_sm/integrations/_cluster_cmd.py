@@ -62,7 +62,7 @@ def _int_min(minimum: int) -> Any:
 
 def run_command(args: argparse.Namespace) -> int:
     try:
-        import pysyncobj  # noqa: F401
+        import pysyncobj  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         sys.stderr.write(
             "d-engine-sm: error: the cluster command needs: pip install 'd-engine-sm[pysyncobj]'\n"
@@ -72,8 +72,11 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         work = Work(args.keys, args.writers, args.value_size, args.compact_every)
         out = _out
-        out(f"cluster: {args.nodes} nodes on 127.0.0.1, {args.keys} keys of {args.value_size} B, "
-            f"{args.writers} writers, compaction {'every %d entries' % args.compact_every if args.compact_every else 'at the end'}")  # fmt: skip
+        when = f"every {args.compact_every} entries" if args.compact_every else "at the end"
+        out(
+            f"cluster: {args.nodes} nodes on 127.0.0.1, {args.keys} keys of {args.value_size} B,"
+            f" {args.writers} writers, compaction {when}"
+        )
         ours = run_scenario(base / "d_engine_sm", args.nodes, "dsm", work, out)
         plain = None
         if args.compare:
@@ -110,9 +113,8 @@ def run_scenario(root: Path, n: int, mode: str, work: Work, out: Any) -> dict[st
         cluster.start()
         leader = cluster.wait_leader()
         figures["writes_per_second"] = _write(cluster, work, "k", work.keys)
-        out(
-            f"  writes: {work.keys} in parallel from {work.writers} clients: {figures['writes_per_second']:,.0f} writes/s"
-        )
+        rate = figures["writes_per_second"]
+        out(f"  writes: {work.keys} from {work.writers} concurrent clients: {rate:,.0f} writes/s")
         snap = cluster.nodes[leader].call("compact", timeout=STEP_TIMEOUT)
         figures["snapshot_seconds"] = snap["seconds"]
         figures["snapshot_bytes"] = snap["bytes"]
@@ -128,17 +130,19 @@ def run_scenario(root: Path, n: int, mode: str, work: Work, out: Any) -> dict[st
         figures["keys_per_node"] = [d["keys"] for d in digests]
         if not figures["identical"]:
             problems.append(f"states differ: {[d['digest'][:12] for d in digests]}")
-        out(
-            f"  states identical on all {n} nodes: {'yes' if figures['identical'] else 'NO'} ({digests[0]['keys']} keys)"
-        )
+        same = "yes" if figures["identical"] else "NO"
+        out(f"  states identical on all {n} nodes: {same} ({digests[0]['keys']} keys)")
         status = [cluster.nodes[i].call("status") for i in range(n)]
         figures["term"] = max(s["term"] for s in status)
         if mode == "dsm":
             figures["max_tick_gap_seconds"] = max(s["max_tick_gap_seconds"] for s in status)
             figures["max_hook_seconds"] = max(s["max_hook_seconds"] for s in status)
-            out(f"  term {figures['term']} (elections: {figures['term'] - 1}); longest tick gap "
-                f"{figures['max_tick_gap_seconds'] * 1000:.0f} ms, longest own work on the tick thread "
-                f"{figures['max_hook_seconds'] * 1000:.1f} ms")  # fmt: skip
+            gap = figures["max_tick_gap_seconds"] * 1000
+            hook = figures["max_hook_seconds"] * 1000
+            out(
+                f"  term {figures['term']} (elections: {figures['term'] - 1}); longest tick gap"
+                f" {gap:.0f} ms, longest own work on the tick thread {hook:.1f} ms"
+            )
         else:
             out(f"  term {figures['term']} (elections: {figures['term'] - 1})")
     return figures
@@ -160,7 +164,7 @@ def _write(cluster: Cluster, work: Work, prefix: str, count: int) -> float:
     with ThreadPoolExecutor(work.writers) as pool:
         results = list(pool.map(one, range(work.writers)))
     elapsed = time.perf_counter() - started
-    errors = sum(r["errors"] for r in results)
+    errors = sum(int(r["errors"]) for r in results)
     return (count - errors) / elapsed
 
 
@@ -219,13 +223,11 @@ def report(ours: dict[str, Any], plain: dict[str, Any] | None, out: Any) -> int:
     if plain is not None:
         out("ratios (d_engine_sm / plain PySyncObj):")
         out(f"  writes/s      {_ratio(ours['writes_per_second'], plain['writes_per_second'])}")
-        out(
-            f"  snapshot time {_ratio(ours['snapshot_seconds'], plain['snapshot_seconds'])} (lower is better)"
-        )
+        snap = _ratio(ours["snapshot_seconds"], plain["snapshot_seconds"])
+        out(f"  snapshot time {snap} (lower is better)")
         if ours["catch_up_seconds"] and plain["catch_up_seconds"]:
-            out(
-                f"  catch-up time {_ratio(ours['catch_up_seconds'], plain['catch_up_seconds'])} (lower is better)"
-            )
+            catch = _ratio(ours["catch_up_seconds"], plain["catch_up_seconds"])
+            out(f"  catch-up time {catch} (lower is better)")
         elif plain["catch_up_seconds"] is None:
             out("  catch-up: plain PySyncObj did not finish")
     verdict = not ours["problems"]

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # type: ignore[import-untyped]
 
 _out_lock = threading.Lock()
 
@@ -69,7 +69,7 @@ class _Plain(SyncObj):  # type: ignore[misc]
     def items(self) -> dict[str, str]:
         return self.__dict__.get("data", {})  # type: ignore[no-any-return]
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def set(self, key: str, value: str) -> int:
         self.__dict__.setdefault("data", {})[key] = value
         return int(self.raftLastApplied) + 1
@@ -167,7 +167,7 @@ class Node:
             else:
                 from d_engine_sm import commands
 
-                self.node._engine._propose(
+                self.node.propose_async(
                     commands.insert(key.encode(), pool[i % 4096].encode()), callback=window.callback
                 )
         for _ in range(req.get("window", 1000)):

@@ -26,12 +26,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # type: ignore[import-untyped]
 
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._values import ApplyResult
@@ -94,7 +94,7 @@ class _Engine(SyncObj):  # type: ignore[misc]
         self._bridge = bridge
         super().__init__(self_addr, list(partners), conf)
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def _propose(self, command: bytes | None) -> int:
         return self._bridge.on_regular(command)
 
@@ -247,6 +247,17 @@ class RaftNode:
         self._handler.wait_applied(index, max(0.0, deadline - time.monotonic()))
         return self._result(index)
 
+    def propose_async(self, command: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Replicate without waiting: ``callback(index, FAIL_REASON)`` runs on PySyncObj's
+        tick thread once the entry is committed (and queued for applying here) or failed.
+
+        For pipelining many writes; the callback must be quick. ``wait_applied(index)``
+        on the handler then waits for the apply.
+        """
+        if self._engine is None:
+            raise ProposeError("CLOSED", False, "node is closed")
+        self._engine._propose(command, callback=callback)
+
     def barrier(self, timeout: float) -> int:
         """Commit a no-op through the log; returns its index.
 
@@ -351,6 +362,7 @@ class RaftNode:
             "snapshots_installed": stats.snapshots_installed,
             "snapshot_create_seconds": stats.snapshot_create_seconds,
             "catch_up_seconds": stats.catch_up_seconds,
+            "catch_up_term_changes": stats.catch_up_term_changes,
             "max_hook_seconds": stats.max_hook_seconds,
             "max_tick_gap_seconds": stats.max_tick_gap_seconds,
             "terms_seen": stats.elections_seen,
