@@ -27,14 +27,17 @@ elections, so this module keeps the tick thread's work to bookkeeping:
   PySyncObj stores and sends. Until the job reports SUCCESS PySyncObj keeps
   its journal, so the journal never drops an entry the state machine lacks.
 
-Thread ownership: ``_forwarded`` and the pending commands belong to the tick
-thread; jobs hand their outcome back through attributes read by the tick
-thread under ``_lock``.
+Thread ownership: ``_forwarded`` belongs to the tick thread; the tick thread
+only adds recorded commands and a feeder thread takes them (building entries
+and submitting them, which may block on back-pressure, happens there); jobs
+hand their outcome back through attributes read by the tick thread under
+``_lock``.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +109,14 @@ class Forwarder:
         self._last_tick = time.perf_counter()
         self._last_term = -1
         self._catch_up_term = 0
+        # Entries handed to the feeder and entries it submitted: each written by one thread.
+        self._fed = 0
+        self._submitted = 0
+        self._feed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._feeder_thread = threading.Thread(
+            target=self._feeder, name="d-engine-sm-feeder", daemon=True
+        )
+        self._feeder_thread.start()
 
     @property
     def forwarded(self) -> int:
@@ -146,12 +157,12 @@ class Forwarder:
             self.catching_up = False
             self._stats.catch_up_term_changes += engine.raftCurrentTerm - self._catch_up_term
             self._forwarded = max(self._forwarded, resume)
-            self._drop_commands_upto(self._forwarded)
+            self._feed.put(_Drop(self._forwarded))
         if self.catching_up:
             return
         high = engine.raftLastApplied
         low = self._forwarded + 1
-        if low > high or self._worker.queued_entries > MAX_QUEUED:
+        if low > high or self._fed - self._submitted + self._worker.queued_entries > MAX_QUEUED:
             return
         log = engine._SyncObj__raftLog
         first = log[0][1]
@@ -164,10 +175,35 @@ class Forwarder:
             self._fetch(first)
             return
         count = min(high - low + 1, MAX_FORWARD_PER_TICK)
-        rows = log[low - first : low - first + count]
-        entries = [self._entry(row) for row in rows]
-        self._worker.submit(entries, timeout=0)
+        # One C-level slice here; building entries and submitting happen on the
+        # feeder thread, off the tick thread.
+        self._fed += count
+        self._feed.put(log[low - first : low - first + count])
         self._forwarded = low + count - 1
+
+    def _feeder(self) -> None:
+        while True:
+            item = self._feed.get()
+            if item is None:
+                return
+            if isinstance(item, _Drop):
+                for stale in [i for i in list(self._commands) if i <= item.upto]:
+                    self._commands.pop(stale, None)
+                continue
+            try:
+                entries = [self._entry(row) for row in item]
+                self._worker.submit(entries)
+            except DEngineError as exc:  # the worker stopped (its FatalError says why)
+                self.failed = f"apply worker: {exc}"
+                _log.error("forwarding stopped: %s", exc)
+                return
+            finally:
+                self._submitted += len(item)
+
+    def close(self, timeout: float) -> None:
+        """Submit what was handed over, then stop the feeder (after the tick thread ended)."""
+        self._feed.put(None)
+        self._feeder_thread.join(timeout)
 
     def _entry(self, row: tuple[bytes, int, int]) -> common_pb2.Entry:
         raw, index, term = row
@@ -179,9 +215,12 @@ class Forwarder:
         assert isinstance(command, bytes)
         return _kv.command_entry(index, term, command)
 
-    def _drop_commands_upto(self, index: int) -> None:
-        for stale in [i for i in self._commands if i <= index]:
-            del self._commands[stale]
+
+@dataclass(frozen=True)
+class _Drop:
+    """Feeder message: forget recorded commands up to ``upto`` (covered by an install)."""
+
+    upto: int
 
 
 _MISSING: Final = object()

@@ -388,7 +388,7 @@ class RaftNode:
             thread = engine._SyncObj__thread
             if thread is not None:
                 thread.join(CLOSE_TIMEOUT)
-        for part in ("_catch_up", "_compaction"):
+        for part in ("_forwarder", "_catch_up", "_compaction"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.close(CLOSE_TIMEOUT)
