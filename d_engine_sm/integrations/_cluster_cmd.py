@@ -141,7 +141,7 @@ def run_scenario(root: Path, n: int, mode: str, work: Work, out: Any) -> dict[st
             hook = figures["max_hook_seconds"] * 1000
             out(
                 f"  term {figures['term']} (elections: {figures['term'] - 1}); longest tick gap"
-                f" {gap:.0f} ms, longest own work on the tick thread {hook:.1f} ms"
+                f" {gap:.0f} ms, longest own work on the tick thread {hook:.1f} ms CPU"
             )
         else:
             out(f"  term {figures['term']} (elections: {figures['term'] - 1})")

@@ -364,6 +364,7 @@ class RaftNode:
             "catch_up_seconds": stats.catch_up_seconds,
             "catch_up_term_changes": stats.catch_up_term_changes,
             "max_hook_seconds": stats.max_hook_seconds,
+            "max_hook_wall_seconds": stats.max_hook_wall_seconds,
             "max_tick_gap_seconds": stats.max_tick_gap_seconds,
             "terms_seen": stats.elections_seen,
             "cluster_id": self._cluster_id,
