@@ -183,9 +183,14 @@ class Forwarder:
         count = min(high - low + 1, MAX_FORWARD_PER_TICK)
         # One C-level slice here; building entries and submitting happen on the
         # feeder thread, off the tick thread.
-        self._fed += count
-        self._feed.put(log[low - first : low - first + count])
-        self._forwarded = low + count - 1
+        rows = log[low - first : low - first + count]
+        # PySyncObj truncates and re-appends a follower's log on a resend, so for a
+        # moment its journal can end below raftLastApplied: forward only what is there.
+        if not rows or rows[0][1] != low:
+            return
+        self._fed += len(rows)
+        self._feed.put(rows)
+        self._forwarded = rows[-1][1]
 
     def _feeder(self) -> None:
         while True:
