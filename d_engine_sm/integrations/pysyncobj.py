@@ -6,14 +6,16 @@ PySyncObj's tick thread), serves linearizable reads, and owns snapshots:
 log compaction produces this library's archives and a lagging follower
 fetches them over this library's gRPC snapshot transport.
 
->>> # doctest: +SKIP
->>> from d_engine_sm import SnapshotConfig, SqliteStateMachine, StateMachineHandler, commands
->>> from d_engine_sm.integrations.pysyncobj import RaftNode
->>> sm = SqliteStateMachine("n1/state.db")
->>> handler = StateMachineHandler(sm, SnapshotConfig(snapshots_dir="n1/snapshots"))
->>> with RaftNode("127.0.0.1:4321", ["127.0.0.1:4322", "127.0.0.1:4323"], handler, "n1",
-...               snapshot_addr="127.0.0.1:5321") as node:
-...     node.propose(commands.insert(b"k", b"v"), timeout=5.0)
+Example (a node of a 3-node cluster)::
+
+    from d_engine_sm import SnapshotConfig, SqliteStateMachine, StateMachineHandler, commands
+    from d_engine_sm.integrations.pysyncobj import RaftNode
+
+    sm = SqliteStateMachine("n1/state.db")
+    handler = StateMachineHandler(sm, SnapshotConfig(snapshots_dir="n1/snapshots"))
+    with RaftNode("127.0.0.1:4321", ["127.0.0.1:4322", "127.0.0.1:4323"], handler, "n1",
+                  snapshot_addr="127.0.0.1:5321") as node:
+        node.propose(commands.insert(b"k", b"v"), timeout=5.0)
 
 Requires the extra ``d_engine_sm[pysyncobj]`` (PySyncObj and grpcio).
 """
