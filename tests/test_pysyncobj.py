@@ -224,7 +224,7 @@ def _linearizability_run(c: Cluster, seconds: float) -> list[Op]:
     return history.ops
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(400 if HEAVY else 150)
 @pytest.mark.parametrize("cluster", [{"appendEntriesUseBatch": False}], indirect=True)
 def test_linearizable_under_kill_and_restart(cluster: Cluster, tmp_path: Path) -> None:
     ops = _linearizability_run(cluster, 8.0 if not HEAVY else 60.0)
