@@ -50,6 +50,20 @@ class SnapshotConfig:
     removes and moves nothing, the policy never asks for a snapshot, and
     create, install and cleanup raise :class:`ReadOnlySnapshotDir`. For tools
     that inspect or send what is there."""
+    require_checksum: bool = False
+    """Refuse a received snapshot whose ``metadata.checksum`` is empty. By default an
+    empty checksum means "the sender gave none": the archive is still verified
+    (count, CRC per chunk, structure while unpacking) and the SHA-256 computed on
+    receipt is recorded. A checksum of any other length than 32 bytes is always refused."""
+    transfer_idle_timeout: float = 60.0
+    """A receive aborts when no new chunk was accepted for this long (duplicates,
+    dropped and corrupt chunks are no progress)."""
+    transfer_timeout: float = 3600.0
+    """A receive aborts when the whole transfer takes longer than this."""
+    resume_ttl: float = 3600.0
+    """How long an interrupted receive stays resumable (0: never keep one)."""
+    resume_max_bytes: int = 16 * GiB
+    """An interrupted receive larger than this is not kept for resuming."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.snapshots_dir, Path):
@@ -58,7 +72,7 @@ class SnapshotConfig:
                     "snapshots_dir must be a path, got " + type(self.snapshots_dir).__name__
                 )
             object.__setattr__(self, "snapshots_dir", Path(self.snapshots_dir))
-        for name in ("enable", "fsync", "read_only"):
+        for name in ("enable", "fsync", "read_only", "require_checksum"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
         _int_at_least("max_log_entries_before_snapshot", self.max_log_entries_before_snapshot, 1)
@@ -76,6 +90,10 @@ class SnapshotConfig:
             raise ValueError(f"chunk_size must be < 2 GiB, got {self.chunk_size}")
         _seconds("snapshot_cool_down_since_last_check", self.snapshot_cool_down_since_last_check, 0)
         _seconds("chunk_timeout", self.chunk_timeout, None)
+        _seconds("transfer_idle_timeout", self.transfer_idle_timeout, None)
+        _seconds("transfer_timeout", self.transfer_timeout, None)
+        _seconds("resume_ttl", self.resume_ttl, 0)
+        _int_at_least("resume_max_bytes", self.resume_max_bytes, 0)
         prefix = self.snapshots_dir_prefix
         if not isinstance(prefix, str):
             raise TypeError("snapshots_dir_prefix must be a str")

@@ -8,7 +8,7 @@ boundary.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 def _rebuild(cls: type[DEngineError], message: str, state: dict[str, Any]) -> DEngineError:
@@ -19,7 +19,14 @@ def _rebuild(cls: type[DEngineError], message: str, state: dict[str, Any]) -> DE
 
 
 class DEngineError(Exception):
-    """Base of every error raised by d_engine_sm."""
+    """Base of every error raised by d_engine_sm.
+
+    ``grpc_status`` names the gRPC status code (a ``grpc.StatusCode`` member
+    name, kept a plain string so this module needs no grpc) that a transport
+    answers with when the error ends a call; subclasses override it.
+    """
+
+    grpc_status: ClassVar[str] = "INTERNAL"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Subclasses take facts in __init__; rebuild from message + attributes
@@ -30,6 +37,8 @@ class DEngineError(Exception):
 
 class HandlerClosed(DEngineError):
     """The handler was closed (before or during the call)."""
+
+    grpc_status: ClassVar[str] = "UNAVAILABLE"
 
 
 class ApplyTimeout(DEngineError, TimeoutError):
@@ -85,6 +94,8 @@ class SnapshotError(DEngineError):
 class InsufficientSpace(SnapshotError):
     """Not enough free disk space to write a snapshot."""
 
+    grpc_status: ClassVar[str] = "RESOURCE_EXHAUSTED"
+
     def __init__(self, path: str, needed: int, available: int) -> None:
         super().__init__(
             f"insufficient space in {path}: need {needed} bytes, {available} available"
@@ -97,9 +108,13 @@ class InsufficientSpace(SnapshotError):
 class SnapshotInProgress(SnapshotError):
     """Another snapshot create/install holds the guard or the directory lock."""
 
+    grpc_status: ClassVar[str] = "ABORTED"
+
 
 class SnapshotNotFound(SnapshotError):
     """No archive exists for the requested metadata."""
+
+    grpc_status: ClassVar[str] = "NOT_FOUND"
 
     def __init__(self, path: str, reason: str = "no such snapshot archive") -> None:
         super().__init__(f"{reason}: {path}")
@@ -109,6 +124,8 @@ class SnapshotNotFound(SnapshotError):
 class CorruptSnapshotError(SnapshotError):
     """An archive failed its integrity check (gzip CRC, tar structure, SHA-256)."""
 
+    grpc_status: ClassVar[str] = "INVALID_ARGUMENT"
+
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"corrupt snapshot archive {path}: {reason}")
         self.path = path
@@ -117,6 +134,8 @@ class CorruptSnapshotError(SnapshotError):
 
 class ChunkOutOfRange(SnapshotError, IndexError):
     """``load_snapshot_chunk`` was asked for ``seq >= total_chunks``."""
+
+    grpc_status: ClassVar[str] = "OUT_OF_RANGE"
 
     def __init__(self, seq: int, total: int) -> None:
         super().__init__(f"chunk {seq} out of range: snapshot has {total} chunks")
@@ -131,6 +150,8 @@ class SnapshotTransferError(SnapshotError):
     ``OUT_OF_ORDER``, ``CHECKSUM_MISMATCH``) and ``seq`` the chunk concerned.
     """
 
+    grpc_status: ClassVar[str] = "INVALID_ARGUMENT"
+
     def __init__(self, reason: str, *, seq: int = 0, status: str = "FAILED") -> None:
         super().__init__(f"snapshot transfer failed at chunk {seq} ({status}): {reason}")
         self.reason = reason
@@ -140,6 +161,8 @@ class SnapshotTransferError(SnapshotError):
 
 class StaleSnapshotError(SnapshotTransferError):
     """The offered snapshot is not newer than what this node already applied."""
+
+    grpc_status: ClassVar[str] = "FAILED_PRECONDITION"
 
     def __init__(self, snapshot_index: int, last_applied: int) -> None:
         SnapshotError.__init__(
@@ -154,8 +177,21 @@ class StaleSnapshotError(SnapshotTransferError):
         self.last_applied = last_applied
 
 
+class SnapshotMetadataError(SnapshotTransferError):
+    """The offered snapshot's metadata is malformed (say, a checksum that is not SHA-256).
+
+    ``field`` names the offending metadata field.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        SnapshotTransferError.__init__(self, f"bad snapshot metadata.{field}: {reason}")
+        self.field = field
+
+
 class UnsafeArchiveError(SnapshotError):
     """An archive member would escape the target dir, is a link/device, or exceeds a limit."""
+
+    grpc_status: ClassVar[str] = "INVALID_ARGUMENT"
 
     def __init__(self, member: str, reason: str) -> None:
         super().__init__(f"unsafe archive member {member!r}: {reason}")
@@ -208,6 +244,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotFormatMismatch",
     "SnapshotInProgress",
+    "SnapshotMetadataError",
     "SnapshotNotFound",
     "SnapshotTransferError",
     "StaleSnapshotError",

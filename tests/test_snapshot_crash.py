@@ -91,7 +91,8 @@ def check_recovered(directory: Path) -> None:
 def test_steps_cover_every_announce() -> None:
     """Every ``announce(...)`` in store/manager/archive is crash-tested (and only those)."""
     text = "".join(
-        (PACKAGE / name).read_text() for name in ("store.py", "manager.py", "archive.py")
+        (PACKAGE / name).read_text()
+        for name in ("store.py", "manager.py", "archive.py", "inbound.py")
     )
     found = re.findall(r'announce\((f?)"([^"]+)"\)', text)
     assert found, "no announce() calls found"

@@ -54,6 +54,7 @@ def cfg(directory: Path) -> SnapshotConfig:
         cleanup_retain_count=2,
         fsync=False,
         chunk_timeout=10.0,
+        resume_ttl=0,  # "nothing changed" includes no partial kept to resume from
     )
 
 

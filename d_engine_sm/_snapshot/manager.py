@@ -11,7 +11,6 @@ processes through the store's ``.lock``.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -27,16 +26,17 @@ from d_engine_sm._fs import FileOps
 from d_engine_sm._metrics import Metrics
 from d_engine_sm._policy import SnapshotPolicy
 from d_engine_sm._snapshot import archive, chunks, naming
+from d_engine_sm._snapshot.inbound import receive_archive, send_ack
 from d_engine_sm._snapshot.manifest import new_manifest
+from d_engine_sm._snapshot.partial import NAMES as PARTIAL_NAMES
+from d_engine_sm._snapshot.partial import PartialStore
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
 from d_engine_sm._snapshot.store import ArchiveInfo, SnapshotStore
 from d_engine_sm._snapshot.streams import (
     ChunkStream,
     ChunkTimeout,
     ProgressFn,
-    Pump,
     StreamError,
-    StreamingUnpack,
     report,
 )
 from d_engine_sm._state_machine import StateMachine, declared_format, overrides_prepare
@@ -49,6 +49,7 @@ from d_engine_sm.errors import (
     ReadOnlySnapshotDir,
     SnapshotError,
     SnapshotInProgress,
+    SnapshotMetadataError,
     SnapshotNotFound,
     SnapshotTransferError,
     StaleSnapshotError,
@@ -97,6 +98,9 @@ class SnapshotManager:
             fsync=config.fsync,
             keep_broken=config.keep_broken,
         )
+        self._partials = PartialStore(
+            self._store, ttl=config.resume_ttl, max_bytes=config.resume_max_bytes
+        )
         self._guard = threading.Lock()
         self._guard_owner: int | None = None  # thread running a create or receive
         self._closed = False
@@ -127,7 +131,9 @@ class SnapshotManager:
         else:
             try:
                 with store.writer_lock():
-                    found = store.recover()
+                    # A fresh partial transfer survives start-up; a stale one goes.
+                    fresh = self._partials.load() is not None
+                    found = store.recover(keep=PARTIAL_NAMES if fresh else frozenset())
             except (SnapshotInProgress, ReadOnlySnapshotDir) as exc:
                 _log.info("recover without tidying dir=%s reason=%s", store.directory, exc)
                 found = store.recover(tidy=False)
@@ -349,6 +355,7 @@ class SnapshotManager:
             # it is advisory (start-up recovery reads the directory).
             _log.warning("recording snapshot metadata failed error=%r", exc)
         self._set_latest(meta)
+        self._partials.discard_if_older(meta.last_included.index)
 
     def _prune_quietly(self) -> None:
         try:
@@ -469,7 +476,7 @@ class SnapshotManager:
         try:
             exclusive = self._exclusive()
         except SnapshotError:  # in progress, or a read-only directory
-            _send(ack, _ack(0, storage_pb2.SnapshotAck.FAILED, 0))
+            send_ack(ack, _ack(0, storage_pb2.SnapshotAck.FAILED, 0))
             self._metrics.incr("snapshot_receive_errors")
             raise
         with exclusive:
@@ -516,77 +523,52 @@ class SnapshotManager:
         config: SnapshotConfig,
         progress: ProgressFn | None,
     ) -> tuple[SnapshotMetadata, int]:
-        store = self._store
         last_applied = self._applied().index
-        rx = SnapshotReceiver(last_applied_index=last_applied, max_retries=config.max_chunk_retries)
         with ExitStack() as cleanup:
-            pump = Pump(stream, config.chunk_timeout)
-            cleanup.callback(pump.close)
-            # The archive file's own context: closed (fsync + close) before unpacking,
-            # or unwound with the error (file removed) when anything fails.
-            writing = cleanup.enter_context(ExitStack())
-            temp: Path | None = None
-            hasher = hashlib.sha256()
-            unpack_dir = store.new_temp_path("unpack")
-            cleanup.callback(_remove_if_there, store, unpack_dir)
-            unpacker = StreamingUnpack(unpack_dir, config, declared_format(self._sm))
-            cleanup.callback(unpacker.abort)
-            try:
-                for chunk in pump:
-                    if self._closed:
-                        raise HandlerClosed("handler closed during a snapshot receive")
-                    step = rx.feed(chunk)
-                    if step.data is not None:
-                        if temp is None:
-                            store.check_space(rx.expected_bytes)
-                            temp, out = writing.enter_context(store.temp_archive("receive"))
-                            cleanup.callback(store.remove_quietly, temp)
-                            self._fs.announce("install:unpack")
-                            self._fs.mkdir(unpack_dir)
-                            unpacker.start()
-                        self._fs.announce("receive:chunk")
-                        out.write(step.data)
-                        hasher.update(step.data)
-                        unpacker.feed(step.data)
-                        report(progress, "receive", rx.received_bytes, rx.expected_bytes)
-                    if step.ack is not None:
-                        _send(ack, step.ack)
-                meta = rx.end_of_stream()
-                if len(meta.checksum) == 32 and hasher.digest() != meta.checksum:
-                    raise rx.fail("archive SHA-256 does not match metadata.checksum")
-                writing.close()
-                unpacker.finish()  # the archive's own problems, after the transfer's
-                report(progress, "unpack", rx.received_bytes, rx.received_bytes)
-            except ReceiveAbort as abort:
-                if abort.ack is not None:
-                    _send(ack, abort.ack)
-                raise _translate(abort, last_applied) from None
-            except ChunkTimeout:
-                timed_out = rx.timed_out(config.chunk_timeout)
-                if timed_out.ack is not None:
-                    _send(ack, timed_out.ack)
-                raise _translate(timed_out, last_applied) from None
-            except (DEngineError, OSError, StreamError, TypeError, MemoryError) as exc:
-                failed = rx.fail(str(exc) or type(exc).__name__)
-                if failed.ack is not None:
-                    _send(ack, failed.ack)
-                if isinstance(exc, MemoryError):  # still a final ack and a library error
-                    raise SnapshotTransferError("out of memory", seq=rx.received) from exc
-                if isinstance(exc, OSError):
-                    raise self._disk_error(exc, rx.expected_bytes, "receiving snapshot") from exc
-                if isinstance(exc, StreamError):
-                    raise SnapshotTransferError(
-                        f"stream error: {exc.__cause__!r}", seq=rx.received
-                    ) from exc.__cause__
-                if isinstance(exc, TypeError):  # the stream yielded something else than chunks
-                    raise SnapshotTransferError(str(exc), seq=rx.received) from exc
-                raise
-            assert temp is not None  # end_of_stream guarantees >= 1 chunk
-            self._install(
-                meta, temp, unpack_dir, progress, lambda reason: _send_fail(ack, rx, reason)
+            received, rx = receive_archive(
+                cleanup,
+                store=self._store,
+                partials=self._partials,
+                config=config,
+                stream=stream,
+                ack=ack,
+                last_applied=last_applied,
+                progress=progress,
+                expected_format=declared_format(self._sm),
+                closed=lambda: self._closed,
+                on_error=lambda exc, abort, n: self._receive_error(exc, abort, n, last_applied),
             )
-            return meta, rx.received_bytes
+            meta = received.metadata
+            self._install(
+                meta,
+                received.archive,
+                received.unpack_dir,
+                progress,
+                lambda reason: _send_fail(ack, rx, reason),
+            )
+            return meta, received.size
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _receive_error(
+        self, exc: BaseException, abort: ReceiveAbort | None, received: int, last_applied: int
+    ) -> BaseException:
+        """The public error for a failed receive (the final ack was already sent)."""
+        error: SnapshotError
+        if isinstance(exc, OSError):
+            error = self._disk_error(exc, 0, "receiving snapshot")
+        elif isinstance(exc, StreamError):
+            error = SnapshotTransferError(f"stream error: {exc.__cause__!r}", seq=received)
+            exc = exc.__cause__ or exc
+        elif isinstance(exc, TypeError):  # the stream yielded something else than chunks
+            error = SnapshotTransferError(str(exc), seq=received)
+        elif isinstance(exc, MemoryError):  # still a final ack and a library error
+            error = SnapshotTransferError("out of memory", seq=received)
+        elif isinstance(exc, (ReceiveAbort, ChunkTimeout)) and abort is not None:
+            return _translate(abort, last_applied)
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
 
     def _install(
         self,
@@ -669,28 +651,17 @@ def _ack(seq: int, status: int, next_requested: int) -> storage_pb2.SnapshotAck:
     return storage_pb2.SnapshotAck(seq=seq, status=status, next_requested=next_requested)  # type: ignore[arg-type]
 
 
-def _send(ack: AckFn, message: storage_pb2.SnapshotAck) -> None:
-    """Deliver an ack; a failing ack callback is logged, never fatal."""
-    try:
-        ack(message)
-    except Exception:
-        _log.exception("ack callback failed seq=%d", message.seq)
-
-
 def _send_fail(ack: AckFn, rx: SnapshotReceiver, reason: str) -> None:
     abort = rx.fail(reason)
     if abort.ack is not None:
-        _send(ack, abort.ack)
-
-
-def _remove_if_there(store: SnapshotStore, path: Path) -> None:
-    if os.path.lexists(path):
-        store.remove_quietly(path)
+        send_ack(ack, abort.ack)
 
 
 def _translate(abort: ReceiveAbort, last_applied: int) -> SnapshotTransferError:
     if abort.stale:
         return StaleSnapshotError(abort.snapshot_index, last_applied)
+    if abort.bad_field is not None:
+        return SnapshotMetadataError(abort.bad_field, abort.reason)
     return SnapshotTransferError(abort.reason, seq=abort.seq, status=abort.status)
 
 

@@ -416,7 +416,11 @@ class SnapshotStore:
     # -- start-up recovery --------------------------------------------------
 
     def recover(
-        self, verify: Callable[[Path], bytes] = archive.verify, *, tidy: bool = True
+        self,
+        verify: Callable[[Path], bytes] = archive.verify,
+        *,
+        tidy: bool = True,
+        keep: frozenset[str] = frozenset(),
     ) -> tuple[ArchiveInfo, bytes] | None:
         """Bring the directory back to a clean state after a crash.
 
@@ -434,6 +438,7 @@ class SnapshotStore:
             verify: integrity check returning the file's SHA-256, raising
                 CorruptSnapshotError.
             tidy: remove leftovers and move corrupt archives aside.
+            keep: ``temp-…`` names to leave alone (a resumable partial transfer).
 
         Returns:
             ``(newest valid archive, its SHA-256)``, or None. None also
@@ -446,7 +451,7 @@ class SnapshotStore:
         if not self.directory.is_dir():
             return None
         if tidy:
-            self._remove_temps()
+            self._remove_temps(keep)
         result: tuple[ArchiveInfo, bytes] | None = None
         for info in reversed(self.list_archives()):
             try:
@@ -465,9 +470,9 @@ class SnapshotStore:
             self._trim_broken()
         return result
 
-    def _remove_temps(self) -> None:
+    def _remove_temps(self, keep: frozenset[str]) -> None:
         with os.scandir(self.directory) as it:
-            leftovers = [Path(e.path) for e in it if is_temp_name(e.name)]
+            leftovers = [Path(e.path) for e in it if is_temp_name(e.name) and e.name not in keep]
         for path in leftovers:
             # Survives a crash mid-write: a temp- name is never published.
             self.fs.announce("recover:remove_temp")
