@@ -140,6 +140,10 @@ def temps(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob("temp-*"))
 
 
+# What a transfer cut by its peer or connection leaves: the verified prefix to resume from.
+PARTIAL = ["temp-resume-data", "temp-resume-state"]
+
+
 def latest_line(meta: storage_pb2.SnapshotMetadata) -> str:
     lid = meta.last_included
     return f"LATEST {lid.index} {lid.term} {meta.checksum.hex()}"
@@ -311,15 +315,18 @@ def test_push_with_chunk_corrupted_in_flight_is_refused_cleanly(
     assert err.value.seq == 2  # the peer's next_chunk: resume from the corrupt chunk
     assert peer.digest() == before
     assert peer.latest() == "LATEST none"
-    assert temps(peer.dir) == []
-    # Not wedged: a clean push right after succeeds.
+    # Chunks 0-1 were verified; those in flight behind the corrupt one were dropped.
+    assert temps(peer.dir) == PARTIAL
+    # Not wedged: a clean push right after succeeds, resuming at the corrupt chunk.
     assert transport.send_snapshot(peer.target, leader, leader_term=2, timeout=WAIT).success
+    peer.wait_line(lambda s: "resuming transfer" in s and "at chunk=2" in s)
     assert peer.digest() == local_digest(leader)
+    assert temps(peer.dir) == []
     leader.close()
 
 
 # -- cancellation and crashes --------------------------------------------------------------
-def test_client_cancel_mid_push_leaves_receiver_clean(
+def test_client_cancel_mid_push_keeps_only_the_verified_prefix(
     tmp_path: Path, nodes: Callable[..., Node]
 ) -> None:
     leader = local_handler(tmp_path / "leader", seed_keys=60)
@@ -347,7 +354,7 @@ def test_client_cancel_mid_push_leaves_receiver_clean(
     peer.wait_line(lambda s: "InstallSnapshot failed" in s)
 
     assert future.cancelled()
-    assert temps(peer.dir) == []
+    assert temps(peer.dir) == PARTIAL  # chunks 0-3 kept to resume from
     assert peer.digest() == before
     assert peer.latest() == "LATEST none"
     channel.close()
@@ -407,7 +414,7 @@ def test_peer_killed_mid_transfer(
     assert killed
     assert elapsed < WAIT / 2, f"error took {elapsed:.1f}s"
     if direction == "pull":
-        assert temps(receiver_dir) == []
+        assert temps(receiver_dir) == PARTIAL  # the learner keeps what it verified
 
     restarted = nodes(peer.dir)
     assert temps(peer.dir) == []

@@ -159,6 +159,7 @@ class SnapshotSender:
         self._base = 0  # lowest seq not yet accepted
         self._next = 0  # next seq to send
         self._resends: Counter[int] = Counter()
+        self._resumed_at = 0
         self._ack_due = 0.0
         self._end_by: float | None = None
         self._final: Finish | Abort | None = None
@@ -174,6 +175,11 @@ class SnapshotSender:
     def accepted(self) -> int:
         """Chunks the receiver holds (the lowest unaccepted seq)."""
         return self._base
+
+    @property
+    def resumed_at(self) -> int:
+        """Where the probe's answer started the transfer (0: from the beginning)."""
+        return self._resumed_at
 
     @property
     def resends(self) -> int:
@@ -260,7 +266,7 @@ class SnapshotSender:
                 "INVALID_ARGUMENT",
             )
         self._state = SENDING
-        self._base = self._next = start
+        self._base = self._next = self._resumed_at = start
         if start == self._total:
             return self._finish()
         return self._fill(now, Send)
@@ -287,6 +293,8 @@ class SnapshotSender:
             return self._abort(
                 f"chunk {requested} resent {self._max_retries} times, giving up", "ABORTED"
             )
+        if self._state == PROBING:  # chunk 0 alone again: its answer is still awaited
+            return Resend(range(0, 1), self.until)
         # Go back N: the receiver drops what followed ``requested``.
         self._base = min(self._base, requested)
         self._next = requested

@@ -247,6 +247,27 @@ class ChunkStream(Closing, Iterator[storage_pb2.SnapshotChunk]):
         self._release(end)
         self._seq += 1
         report(self._progress, "send", end, self._size)
+        return self._make(seq, data)
+
+    def chunk(self, seq: int) -> storage_pb2.SnapshotChunk:
+        """Chunk ``seq`` (random access, for resends and resumed transfers).
+
+        Raises:
+            ValueError: the stream is closed or ``seq`` is out of range.
+        """
+        if self._closed or not 0 <= seq < self._total:
+            raise ValueError(f"no chunk {seq} (total {self._total}, closed {self._closed})")
+        start, end = chunks.chunk_bounds(seq, self._size, self._chunk_size)
+        data = self._reader.read(start, end)
+        self._release(end)
+        report(self._progress, "send", end, self._size)
+        return self._make(seq, data)
+
+    def header(self) -> storage_pb2.SnapshotChunk:
+        """Chunk 0's metadata without its data: asks a receiver where to resume."""
+        return self._make(0, b"")
+
+    def _make(self, seq: int, data: bytes) -> storage_pb2.SnapshotChunk:
         return chunks.make_chunk(
             seq=seq,
             total=self._total,
@@ -255,6 +276,10 @@ class ChunkStream(Closing, Iterator[storage_pb2.SnapshotChunk]):
             leader_id=self._leader_id,
             metadata=self._metadata if seq == 0 else None,
         )
+
+    def complete(self) -> None:
+        """Every chunk was delivered (random access): count the send and release the archive."""
+        self._finish(completed=not self._closed)
 
     def _release(self, upto: int) -> None:
         """Drop the mapped pages already sent, so RSS stays flat for any archive size.
@@ -266,6 +291,8 @@ class ChunkStream(Closing, Iterator[storage_pb2.SnapshotChunk]):
         advise = getattr(mapped, "madvise", None)
         dontneed = getattr(mmap, "MADV_DONTNEED", None)
         end = upto - upto % _PAGE
+        if end <= self._released:
+            return
         if advise is None or dontneed is None or end - self._released < 8 * _PAGE:
             return
         with contextlib.suppress(OSError, ValueError):
