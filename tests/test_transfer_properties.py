@@ -16,7 +16,13 @@ The follower must then either
   in its snapshot directory (names and bytes), no ``temp-`` leftover.
 
 Never anything else. Hand-picked cases live in test_snapshot_transfer.py;
-this module searches the combinations. Profile: tests/_hypothesis_profiles.py.
+this module searches the combinations.
+
+The second half drives the sans-IO sender against the receiver through a
+lossy, duplicating, reordering and corrupting channel: every run ends,
+within a bounded number of chunks sent, with the exact archive or nothing;
+a run cut short resumes on a clean retry sending only the missing chunks.
+Profile: tests/_hypothesis_profiles.py.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 import pytest
 from _hypothesis_profiles import LONG, PROFILE
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from d_engine_sm import _kv
@@ -38,6 +44,8 @@ from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
 from d_engine_sm._snapshot import chunks as wire
+from d_engine_sm._snapshot.receiver import Partial, ReceiveAbort, SnapshotReceiver, Step
+from d_engine_sm._snapshot.sender import Abort, Finish, Probe, SnapshotSender
 from d_engine_sm.errors import DEngineError
 from d_engine_sm.proto import common_pb2, storage_pb2
 
@@ -328,3 +336,189 @@ def test_each_harmful_mutation_is_refused(
 ) -> None:
     """And the refusal side: every mutation kind alone is caught."""
     assert check_outcome(leader, followers(), mutate(leader.chunks, mutation), False) == "refused"
+
+
+# -- the sans-IO sender against the receiver through a faulty channel ------------------------
+# Every message the sender puts on the wire (and every ack coming back) meets one
+# fault from a drawn list; past its end the channel is clean. Faults: lose it,
+# deliver it twice, corrupt it (CRC fails), forge it (data changed, CRC fixed:
+# only the archive's SHA-256 can tell), overtake the message before it, or cut
+# the connection (both sides see the call end: the receiver keeps its prefix).
+FAULT = st.sampled_from(["ok", "ok", "ok", "drop", "dup", "corrupt", "forge", "swap", "cut"])
+
+
+@dataclass
+class Channel:
+    faults: list[str]
+    used: int = 0
+    cut: bool = False
+
+    def send(self, queue: list[Any], message: Any) -> None:
+        fault = self.faults[self.used] if self.used < len(self.faults) else "ok"
+        self.used += 1
+        self.cut = self.cut or fault == "cut"
+        if fault == "drop" or self.cut:
+            return
+        if fault in ("corrupt", "forge") and isinstance(message, Chunk) and message.data:
+            bad = _copy(message)
+            bad.data = bytes([bad.data[0] ^ 0x5A]) + bad.data[1:]
+            if fault == "forge":
+                bad.chunk_checksum = wire.checksum(bad.data)
+            message = bad
+        queue.append(message)
+        if fault == "dup":
+            queue.append(message)
+        if fault == "swap" and len(queue) >= 2:
+            queue[-1], queue[-2] = queue[-2], queue[-1]
+
+
+@dataclass
+class Run:
+    installed: bool
+    written: bytes
+    sent: int
+    abort: ReceiveAbort | None
+    rx: SnapshotReceiver
+
+
+def wire_chunks(blob: bytes, chunk_size: int) -> list[Chunk]:
+    total = wire.chunk_count(len(blob), chunk_size)
+    meta = Meta(last_included=common_pb2.LogId(index=9, term=2), checksum=sha(blob))
+    return [
+        wire.make_chunk(
+            seq=s,
+            total=total,
+            data=blob[slice(*wire.chunk_bounds(s, len(blob), chunk_size))],
+            leader_term=2,
+            leader_id=1,
+            metadata=meta if s == 0 else None,
+        )
+        for s in range(total)
+    ]
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def transfer(
+    chunks: list[Chunk],
+    *,
+    window: int,
+    retries: int,
+    fwd: Channel,
+    back: Channel,
+    partial: Partial | None = None,
+    prefix: bytes = b"",
+) -> Run:
+    """Drive sender and receiver as a transport would, on a simulated clock."""
+    total = len(chunks)
+    tx = SnapshotSender(total, window=window, max_retries=retries, ack_timeout=1.0)
+    rx = SnapshotReceiver(last_applied_index=0, max_retries=retries, partial=partial)
+    to_rx: list[Chunk] = []
+    to_tx: list[Ack] = []
+    written = bytearray()
+    now, sent = 0.0, 0
+    decision: Any = tx.start(now)
+    abort: ReceiveAbort | None = None
+    bound = total * (1 + retries * window) + 1
+    for _ in range(50 * bound):  # each turn sends, delivers or ticks: ends well before
+        seqs = range(1) if isinstance(decision, Probe) else getattr(decision, "seqs", range(0))
+        for seq in seqs:
+            sent += 1
+            fwd.send(to_rx, chunks[seq])
+        if isinstance(decision, (Finish, Abort)) or fwd.cut or back.cut:
+            break
+        while to_rx and abort is None:
+            try:
+                step = rx.feed(to_rx.pop(0))
+            except ReceiveAbort as exc:
+                abort, step = exc, Step(ack=exc.ack, data=None)
+            if step.resume_from:
+                written += prefix
+            written += step.data or b""
+            if step.ack is not None:
+                back.send(to_tx, step.ack)
+        if to_tx:
+            decision = tx.on_ack(to_tx.pop(0), now)
+        else:
+            now += 1.5
+            decision = tx.on_tick(now)
+    else:
+        raise AssertionError("transfer did not end")
+    assert sent <= bound, (sent, bound)
+    installed = False
+    if isinstance(decision, Finish) and abort is None:
+        try:
+            meta = rx.end_of_stream()
+            installed = sha(bytes(written)) == meta.checksum  # the driver's last check
+            if not installed:
+                abort = rx.fail("archive SHA-256 does not match metadata.checksum")
+        except ReceiveAbort as exc:
+            abort = exc
+    elif abort is None:  # the sender gave up or the connection was cut: the call fails
+        abort = rx.fail("connection closed", resumable=True)
+    return Run(installed, bytes(written), sent, abort, rx)
+
+
+def resume_after(first: Run, blob: bytes, chunks: list[Chunk], window: int) -> None:
+    """A clean retry resumes from a kept prefix, sends only what is missing, verifies."""
+    rx = first.rx
+    meta = rx.metadata
+    if first.abort is None or not first.abort.resumable or meta is None:
+        return
+    if not 0 < rx.received < rx.total_chunks:
+        return
+    lid = meta.last_included
+    partial = Partial(
+        lid.index, lid.term, meta.checksum, rx.total_chunks, rx.chunk_size, rx.received
+    )
+    prefix = first.written[: rx.received * rx.chunk_size]
+    clean = Channel([])
+    second = transfer(
+        chunks,
+        window=window,
+        retries=3,
+        fwd=clean,
+        back=Channel([]),
+        partial=partial,
+        prefix=prefix,
+    )
+    assert second.sent == 1 + rx.total_chunks - rx.received  # chunk 0, then the missing ones
+    assert second.installed == blob.startswith(prefix)  # a forged prefix is caught by SHA-256
+    if second.installed:
+        assert second.written == blob
+    event("resumed" + ("" if second.installed else " (forged prefix refused)"))
+
+
+@pytest.mark.timeout(300)
+@settings(PROFILE, max_examples=2000 if LONG else 200)
+@example(blob=bytes(range(200)), chunk_size=32, window=2, retries=1, fwd=["ok", "cut"], back=[])
+@example(blob=bytes(range(200)), chunk_size=32, window=2, retries=1, fwd=["forge", "cut"], back=[])
+@given(
+    blob=st.binary(min_size=1, max_size=600),
+    chunk_size=st.integers(16, 128),
+    window=st.integers(1, 5),
+    retries=st.integers(0, 3),
+    fwd=st.lists(FAULT, max_size=40),
+    back=st.lists(FAULT, max_size=40),
+)
+def test_sender_and_receiver_through_a_faulty_channel(
+    blob: bytes, chunk_size: int, window: int, retries: int, fwd: list[str], back: list[str]
+) -> None:
+    chunks = wire_chunks(blob, chunk_size)
+    run = transfer(chunks, window=window, retries=retries, fwd=Channel(fwd), back=Channel(back))
+    if run.installed:
+        assert run.written == blob  # the exact archive, or...
+        event("installed")
+        return
+    assert run.abort is not None  # ...nothing: the driver installs only a verified archive
+    event("refused")
+    resume_after(run, blob, chunks, window)
+
+
+def test_clean_channel_sends_each_chunk_once() -> None:
+    blob = bytes(range(256)) * 3
+    chunks = wire_chunks(blob, 100)
+    run = transfer(chunks, window=3, retries=3, fwd=Channel([]), back=Channel([]))
+    assert run.installed and run.written == blob and run.sent == len(chunks)

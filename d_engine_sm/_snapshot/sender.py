@@ -163,6 +163,7 @@ class SnapshotSender:
         self._ack_due = 0.0
         self._end_by: float | None = None
         self._final: Finish | Abort | None = None
+        self._started = False
 
     # -- view ------------------------------------------------------------------
 
@@ -197,8 +198,9 @@ class SnapshotSender:
 
     def start(self, now: float) -> Decision:
         """The transfer begins at ``now``: the first chunks to send."""
-        if self._end_by is not None or self._final is not None:
+        if self._started:
             raise RuntimeError("sender already started")
+        self._started = True
         self._end_by = now + self._deadline if self._deadline is not None else None
         self._ack_due = now + self._ack_timeout
         if self._state == PROBING:
