@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -642,3 +643,61 @@ def test_tls_push_and_pull_in_process(tmp_path: Path) -> None:
     assert meta == leader.get_latest_snapshot_metadata()
     for h in (leader, follower, learner):
         h.close()
+
+
+# -- a peer that will not finish ------------------------------------------------------------------
+@pytest.mark.parametrize("misbehaviour", ["duplicates", "idle", "overall"])
+def test_a_misbehaving_pusher_cannot_hold_the_receive_open(
+    tmp_path: Path, misbehaviour: str
+) -> None:
+    leader = local_handler(tmp_path / "leader", seed_keys=60)
+    config = grpc_node.config(tmp_path / "follower", CHUNK)
+    follower = StateMachineHandler(
+        grpc_node.make_state("memory", tmp_path),
+        dataclasses.replace(config, transfer_idle_timeout=1.0, transfer_timeout=2.0),
+        node_id=2,
+    )
+    server, port = transport.start_server(follower, "127.0.0.1:0")
+    meta = leader.get_latest_snapshot_metadata()
+    assert meta is not None
+    chunks = list(leader.load_snapshot_data(meta, leader_term=2))
+    assert len(chunks) > 10
+
+    def hostile() -> Iterator[storage_pb2.SnapshotChunk]:
+        yield from chunks[:2]
+        if misbehaviour == "overall":  # progress every 0.4 s, never idle, too slow overall
+            for c in chunks[2:]:
+                time.sleep(0.4)
+                yield c
+        while True:  # chunk 1 again and again: fast, or slowly enough to be idle
+            time.sleep(0.001 if misbehaviour == "duplicates" else 0.3)
+            yield chunks[1]
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = storage_pb2_grpc.SnapshotServiceStub(channel)  # type: ignore[no-untyped-call]
+    started = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.InstallSnapshot(hostile(), timeout=WAIT)
+        elapsed = time.monotonic() - started
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reason = {
+            "duplicates": "duplicate or out-of-turn chunks",
+            "idle": "no new chunk accepted for 1 seconds",
+            "overall": "transfer took more than 2 seconds",
+        }[misbehaviour]
+        assert reason in err.value.details()
+        assert elapsed < 6.0, elapsed
+        # Good data is kept to resume from when the peer merely stalled.
+        expect = [] if misbehaviour == "duplicates" else PARTIAL
+        assert temps(follower.config.snapshots_dir) == expect
+        # The next transfer proceeds at once and installs.
+        target = f"127.0.0.1:{port}"
+        assert transport.send_snapshot(target, leader, leader_term=2, timeout=WAIT).success
+        assert local_digest(follower) == local_digest(leader)
+        assert temps(follower.config.snapshots_dir) == []
+    finally:
+        channel.close()
+        server.stop(None)
+        follower.close()
+        leader.close()

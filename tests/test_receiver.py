@@ -23,6 +23,7 @@ from d_engine_sm._snapshot.receiver import (
     AWAIT_FIRST,
     COMPLETE,
     RECEIVING,
+    Partial,
     ReceiveAbort,
     SnapshotReceiver,
     Step,
@@ -796,3 +797,173 @@ def test_benign_noise_still_completes(
     assert written == data
     assert rx.state == COMPLETE
     assert all(x is not None and x[1] != "FAILED" for x in acks)
+
+
+# -- resuming, deadlines, bounded noise, checksum length ------------------------------------
+DIGEST = b"\x07" * 32
+
+
+def resumable_stream(parts: int = 6) -> list[Chunk]:
+    return split(bytes(range(60)), parts, md(100, 1, DIGEST))
+
+
+def partial_of(chunks: list[Chunk], kept: int) -> Partial:
+    return Partial(100, 1, DIGEST, len(chunks), len(chunks[0].data), kept)
+
+
+def test_header_is_answered_with_the_first_missing_chunk() -> None:
+    chunks = resumable_stream()
+    header = chunk(0, b"", total=6, metadata=md(100, 1, DIGEST))
+    rx = SnapshotReceiver(last_applied_index=0, partial=partial_of(chunks, 4))
+    step = rx.feed(header)
+    assert (a(step.ack), step.data, step.resume_from) == ((0, "REQUESTED", 4), None, 4)
+    acks, written, abort = run(rx, chunks[4:])
+    assert abort is None and acks == [ok(4), ok(5)]
+    assert written == b"".join(c.data for c in chunks[4:])
+    assert rx.resumed == 4 and rx.state == COMPLETE
+
+
+def test_chunk_zero_of_the_same_snapshot_skips_ahead() -> None:
+    # Pull: the learner's ack of chunk 0 tells the sender where to go on.
+    chunks = resumable_stream()
+    rx = SnapshotReceiver(last_applied_index=0, partial=partial_of(chunks, 3))
+    step = rx.feed(chunks[0])
+    assert (a(step.ack), step.data, step.resume_from) == (ok(0, 3), None, 3)
+    assert a(rx.feed(chunks[1]).ack) == ok(1, 3)  # in flight already: a duplicate
+    assert a(rx.feed(chunks[3]).ack) == ok(3)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"index": 99},
+        {"checksum": b"\x08" * 32},
+        {"total_chunks": 7},
+        {"chunk_size": 3},
+    ],
+    ids=["logid", "checksum", "count", "chunk-size"],
+)
+def test_a_different_snapshot_starts_from_zero(other: dict[str, object]) -> None:
+    chunks = resumable_stream()
+    fields = {**partial_of(chunks, 4).__dict__, **other}
+    rx = SnapshotReceiver(last_applied_index=0, partial=Partial(**fields))  # type: ignore[arg-type]
+    step = rx.feed(chunks[0])
+    assert (a(step.ack), step.resume_from) == (ok(0), 0)
+    assert step.data == chunks[0].data
+
+
+def test_no_resume_without_a_sha256() -> None:
+    chunks = split(bytes(range(60)), 6, md(100, 1, b""))
+    partial = Partial(100, 1, b"", 6, 10, 4)
+    rx = SnapshotReceiver(last_applied_index=0, partial=partial)
+    assert rx.feed(chunks[0]).resume_from == 0
+
+
+def test_which_failures_are_resumable() -> None:
+    chunks = resumable_stream()
+    rx = SnapshotReceiver(last_applied_index=0)
+    _, _, abort = run(rx, chunks[:3])  # ended early: the sender went away
+    assert abort is not None and abort.resumable
+    rx = SnapshotReceiver(last_applied_index=0)
+    rx.feed(chunks[0])
+    assert rx.timed_out(1.0).resumable
+    assert SnapshotReceiver(last_applied_index=0).fail("x", resumable=True).resumable
+    _, _, gap = run(SnapshotReceiver(last_applied_index=0), [chunks[0], chunks[2]])
+    assert gap is not None and not gap.resumable  # wrong data is never kept
+
+
+def test_idle_deadline_counts_only_new_chunks() -> None:
+    chunks = resumable_stream()
+    rx = SnapshotReceiver(last_applied_index=0, idle_timeout=5.0)
+    rx.feed(chunks[0], now=0.0)
+    rx.feed(chunks[1], now=4.0)
+    for t in (5.0, 6.0, 8.5):  # duplicates keep coming, no progress
+        assert a(rx.feed(chunks[1], now=t).ack) == ok(1, 2)
+    with pytest.raises(ReceiveAbort) as info:
+        rx.feed(chunks[1], now=9.5)
+    assert "no new chunk accepted for 5 seconds" in info.value.reason
+    assert info.value.resumable and a(info.value.ack) == (2, "FAILED", 2)
+
+
+def test_overall_deadline_even_with_progress() -> None:
+    chunks = split(bytes(range(100)), 50, md(100, 1, DIGEST))
+    rx = SnapshotReceiver(last_applied_index=0, idle_timeout=5.0, deadline=10.0)
+    assert rx.tick(0.0) is None
+    with pytest.raises(ReceiveAbort) as info:
+        for i, c in enumerate(chunks):
+            rx.feed(c, now=i * 1.0)
+    assert "more than 10 seconds" in info.value.reason and info.value.seq == 11
+
+
+def test_tick_reports_a_passed_deadline() -> None:
+    rx = SnapshotReceiver(last_applied_index=0, idle_timeout=2.0)
+    rx.feed(resumable_stream()[0], now=1.0)
+    assert rx.tick(2.5) is None
+    late = rx.tick(3.5)
+    assert late is not None and late.ack is not None and rx.state == ABORTED
+
+
+@pytest.mark.parametrize("max_retries", [0, 3])
+def test_duplicates_forever_are_bounded(max_retries: int) -> None:
+    chunks = resumable_stream()
+    rx = SnapshotReceiver(last_applied_index=0, max_retries=max_retries)
+    rx.feed(chunks[0])
+    rx.feed(chunks[1])
+    budget = (max_retries + 1) * 6
+    for _ in range(budget):
+        assert a(rx.feed(chunks[1]).ack) == ok(1, 2)
+    with pytest.raises(ReceiveAbort) as info:
+        rx.feed(chunks[1])
+    assert "duplicate" in info.value.reason and not info.value.resumable
+
+
+def test_chunks_in_flight_behind_a_corrupt_one_are_dropped() -> None:
+    chunks = resumable_stream()
+    rx = SnapshotReceiver(last_applied_index=0)
+    rx.feed(chunks[0])
+    bad = Chunk()
+    bad.CopyFrom(chunks[1])
+    bad.chunk_checksum = b"\0\0\0\0"
+    assert a(rx.feed(bad).ack) == (1, "CHECKSUM_MISMATCH", 1)
+    assert rx.feed(chunks[2]) == Step(ack=None, data=None)  # go-back-N: sent before our ack
+    assert rx.feed(chunks[3]) == Step(ack=None, data=None)
+    assert a(rx.feed(chunks[1]).ack) == ok(1)
+    _, _, abort = run(rx, [chunks[3]])  # once resent, a gap is a gap again
+    assert abort is not None and "gap" in abort.reason
+
+
+@pytest.mark.parametrize("size", [1, 16, 31, 33, 64])
+def test_checksum_of_the_wrong_length_is_refused(size: int) -> None:
+    rx = SnapshotReceiver(last_applied_index=0)
+    with pytest.raises(ReceiveAbort) as info:
+        rx.feed(chunk(0, b"a", total=1, metadata=md(100, 1, b"\x01" * size)))
+    assert info.value.bad_field == "checksum" and f"got {size} bytes" in info.value.reason
+    assert a(info.value.ack) == (0, "FAILED", 0)
+
+
+def test_empty_checksum_is_accepted_unless_required() -> None:
+    c = chunk(0, b"a", total=1, metadata=md(100, 1, b""))
+    assert a(SnapshotReceiver(last_applied_index=0).feed(c).ack) == ok(0)
+    with pytest.raises(ReceiveAbort) as info:
+        SnapshotReceiver(last_applied_index=0, require_checksum=True).feed(c)
+    assert info.value.bad_field == "checksum" and "empty (required)" in info.value.reason
+
+
+def test_abort_with_new_facts_pickles() -> None:
+    abort = ReceiveAbort("x", "FAILED", 2, None, bad_field="checksum", resumable=True)
+    back = pickle.loads(pickle.dumps(abort))
+    assert (back.bad_field, back.resumable) == ("checksum", True)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error"),
+    [
+        ({"idle_timeout": 0}, ValueError),
+        ({"deadline": -1}, ValueError),
+        ({"idle_timeout": "1"}, TypeError),
+        ({"partial": (1, 2)}, TypeError),
+    ],
+)
+def test_new_arguments_are_validated(kw: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        SnapshotReceiver(last_applied_index=0, **kw)  # type: ignore[arg-type]
