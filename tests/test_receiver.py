@@ -846,7 +846,7 @@ def test_chunk_zero_of_the_same_snapshot_skips_ahead() -> None:
 def test_a_different_snapshot_starts_from_zero(other: dict[str, object]) -> None:
     chunks = resumable_stream()
     fields = {**partial_of(chunks, 4).__dict__, **other}
-    rx = SnapshotReceiver(last_applied_index=0, partial=Partial(**fields))  # type: ignore[arg-type]
+    rx = SnapshotReceiver(last_applied_index=0, partial=Partial(**fields))
     step = rx.feed(chunks[0])
     assert (a(step.ack), step.resume_from) == (ok(0), 0)
     assert step.data == chunks[0].data
