@@ -21,12 +21,23 @@ from d_engine_sm.proto import storage_pb2
 _U32_MAX: Final = 2**32 - 1
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) ``>= minimum``; else TypeError/ValueError."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_seconds(name: str, value: object) -> None:
+    """None, or a number of seconds > 0; else TypeError/ValueError."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def checksum(data: bytes | bytearray | memoryview) -> bytes:
@@ -60,8 +71,8 @@ def chunk_count(size: int, chunk_size: int) -> int:
 
     Pure and thread-safe.
     """
-    _check_int("size", size, 0)
-    _check_int("chunk_size", chunk_size, 1)
+    check_int("size", size, 0)
+    check_int("chunk_size", chunk_size, 1)
     count = -(-size // chunk_size)
     if count > _U32_MAX:
         raise ValueError(
@@ -90,7 +101,7 @@ def chunk_bounds(seq: int, size: int, chunk_size: int) -> tuple[int, int]:
 
     Pure and thread-safe.
     """
-    _check_int("seq", seq, 0)
+    check_int("seq", seq, 0)
     total = chunk_count(size, chunk_size)
     if seq >= total:
         raise ChunkOutOfRange(seq, total)
@@ -128,14 +139,14 @@ def make_chunk(
 
     Pure and thread-safe.
     """
-    _check_int("total", total, 1)
-    _check_int("seq", seq, 0)
+    check_int("total", total, 1)
+    check_int("seq", seq, 0)
     if total > _U32_MAX:
         raise ValueError(f"total must fit uint32, got {total}")
     if seq >= total:
         raise ValueError(f"seq must be < total ({total}), got {seq}")
-    _check_int("leader_term", leader_term, 0)
-    _check_int("leader_id", leader_id, 0)
+    check_int("leader_term", leader_term, 0)
+    check_int("leader_id", leader_id, 0)
     if leader_term > 2**64 - 1:
         raise ValueError(f"leader_term must fit uint64, got {leader_term}")
     if leader_id > _U32_MAX:

@@ -50,14 +50,10 @@ States::
   connection's going away (stream ended early, a deadline, a stream error)
   rather than wrong data: only then is the verified prefix worth keeping.
 
-Why the largest chunk is fixed by the first data chunk: ``expected_bytes``
-(what the driver checks free space against) must be a real upper bound, so
-a later chunk longer than it is refused. d-engine senders cut fixed-size
-chunks with only the last one short, so they never trip it.
-
-``current_term`` is deliberately not checked: d-engine senders put
-``last_included.term`` in ``leader_term``, so comparing it with the
-receiver's term would refuse valid peers.
+The first data chunk fixes the largest chunk size so that ``expected_bytes``
+(checked against free space) is an upper bound; d-engine senders cut
+fixed-size chunks with only the last one short. ``current_term`` is not
+checked: d-engine senders put ``last_included.term`` in ``leader_term``.
 """
 
 from __future__ import annotations
@@ -65,7 +61,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from d_engine_sm._snapshot.chunks import verify_chunk
+from d_engine_sm._snapshot.chunks import check_int, check_seconds, verify_chunk
 from d_engine_sm.proto import storage_pb2
 
 SnapshotAck = storage_pb2.SnapshotAck
@@ -172,14 +168,7 @@ class ReceiveAbort(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The keyword-only facts travel as state (BaseException.__setstate__).
-        args = (self.reason, self.status, self.seq, self.ack)
-        state = {
-            "stale": self.stale,
-            "snapshot_index": self.snapshot_index,
-            "bad_field": self.bad_field,
-            "resumable": self.resumable,
-        }
-        return (type(self), args, state)
+        return (type(self), (self.reason, self.status, self.seq, self.ack), self.__dict__)
 
 
 def _ack(seq: int, status: SnapshotAck.ChunkStatus, next_requested: int) -> SnapshotAck:
@@ -188,22 +177,6 @@ def _ack(seq: int, status: SnapshotAck.ChunkStatus, next_requested: int) -> Snap
 
 def _is_header(chunk: SnapshotChunk) -> bool:
     return chunk.seq == 0 and not chunk.data and chunk.HasField("metadata")
-
-
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_seconds(name: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 class SnapshotReceiver:
@@ -239,10 +212,10 @@ class SnapshotReceiver:
         idle_timeout: float | None = None,
         deadline: float | None = None,
     ) -> None:
-        _check_count("last_applied_index", last_applied_index)
-        _check_count("max_retries", max_retries)
-        _check_seconds("idle_timeout", idle_timeout)
-        _check_seconds("deadline", deadline)
+        check_int("last_applied_index", last_applied_index, 0)
+        check_int("max_retries", max_retries, 0)
+        check_seconds("idle_timeout", idle_timeout)
+        check_seconds("deadline", deadline)
         if partial is not None and not isinstance(partial, Partial):
             raise TypeError(f"partial must be a Partial, got {type(partial).__name__}")
         self._last_applied_index = last_applied_index
@@ -593,17 +566,9 @@ class SnapshotReceiver:
     ) -> ReceiveAbort:
         index = self.snapshot_index if snapshot_index is None else snapshot_index
         name = SnapshotAck.ChunkStatus.Name(status)
+        facts: dict[str, Any] = {"stale": stale, "bad_field": bad_field, "resumable": resumable}
         ack = _ack(seq, status, next_requested)
-        abort = ReceiveAbort(
-            reason,
-            name,
-            seq,
-            ack,
-            stale=stale,
-            snapshot_index=index,
-            bad_field=bad_field,
-            resumable=resumable,
-        )
+        abort = ReceiveAbort(reason, name, seq, ack, snapshot_index=index, **facts)
         self._state = ABORTED
         self._abort = abort
         return abort
@@ -612,16 +577,11 @@ class SnapshotReceiver:
         # Failed stays failed: same facts, but the final ack was already sent.
         first = self._abort
         assert first is not None
-        return ReceiveAbort(
-            f"receiver already aborted: {first.reason}",
-            first.status,
-            first.seq,
-            None,
-            stale=first.stale,
-            snapshot_index=first.snapshot_index,
-            bad_field=first.bad_field,
-            resumable=first.resumable,
+        refusal = ReceiveAbort(f"receiver already aborted: {first.reason}", first.status, 0, None)
+        refusal.__dict__.update(
+            {k: v for k, v in first.__dict__.items() if k not in ("reason", "ack")}
         )
+        return refusal
 
 
 __all__ = [

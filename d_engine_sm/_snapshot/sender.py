@@ -45,6 +45,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
+from d_engine_sm._snapshot.chunks import check_int, check_seconds
 from d_engine_sm.proto import storage_pb2
 
 SnapshotAck = storage_pb2.SnapshotAck
@@ -103,23 +104,6 @@ class Abort:
 Decision = Probe | Send | Wait | Finish | Abort
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_seconds(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
 class SnapshotSender:
     """Decides what to send next for one transfer (see the module docstring).
 
@@ -147,11 +131,11 @@ class SnapshotSender:
         deadline: float | None = None,
         probe: bool = True,
     ) -> None:
-        self._total = _check_int("total", total, 1)
-        self._window = _check_int("window", window, 1)
-        self._max_retries = _check_int("max_retries", max_retries, 0)
-        _check_seconds("ack_timeout", ack_timeout)
-        _check_seconds("deadline", deadline)
+        self._total = check_int("total", total, 1)
+        self._window = check_int("window", window, 1)
+        self._max_retries = check_int("max_retries", max_retries, 0)
+        check_seconds("ack_timeout", ack_timeout)
+        check_seconds("deadline", deadline)
         self._ack_timeout = ack_timeout
         self._deadline = deadline
         self._probe = probe

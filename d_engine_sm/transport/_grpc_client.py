@@ -9,6 +9,7 @@ drive the peer's sender, resuming included.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -56,19 +57,24 @@ def options(limit: int) -> list[tuple[str, int]]:
     ]
 
 
-def _open_channel(
+@contextlib.contextmanager
+def _stub(
     target: str,
     chunk_size: int,
     credentials: grpc.ChannelCredentials | None,
     interceptors: Interceptors,
-) -> tuple[grpc.Channel, grpc.Channel]:
-    """(the channel to call through, the underlying one to close)."""
+) -> Iterator[Any]:
+    """A SnapshotService stub on a new channel, closed on exit."""
     opts = options(message_limit(chunk_size))
     if credentials is None:
         raw = grpc.insecure_channel(target, options=opts)
     else:
         raw = grpc.secure_channel(target, credentials, options=opts)
-    return (grpc.intercept_channel(raw, *interceptors) if interceptors else raw), raw
+    try:
+        channel = grpc.intercept_channel(raw, *interceptors) if interceptors else raw
+        yield storage_pb2_grpc.SnapshotServiceStub(channel)  # type: ignore[no-untyped-call]
+    finally:
+        raw.close()
 
 
 def _trailer(err: grpc.RpcError, key: str) -> int | None:
@@ -147,10 +153,9 @@ def send_snapshot(
     Thread-safe (one channel per call). The archive (and its shared lock)
     is always released before returning.
 
-    With ``resume`` (the default) a first, data-less call asks the peer where
-    to start: a peer holding part of this very snapshot from an interrupted
-    transfer answers with the first chunk it lacks, and only the chunks from
-    there are sent (after a header naming the snapshot). A peer that does not
+    With ``resume`` a data-less probe asks the peer for the first chunk it
+    lacks of this snapshot (it may hold a prefix from an interrupted
+    transfer); only the chunks from there are sent. A peer that does not
     answer the probe gets the whole snapshot.
 
     Args:
@@ -180,15 +185,11 @@ def send_snapshot(
     source = handler.load_snapshot_data(meta, leader_term=leader_term)
     if not isinstance(source, ChunkStream):  # pragma: no cover - the handler's own type
         raise TypeError("load_snapshot_data returned an unexpected stream")
-    try:
-        channel, raw = _open_channel(target, handler.config.chunk_size, credentials, interceptors)
-        try:
-            stub = storage_pb2_grpc.SnapshotServiceStub(channel)  # type: ignore[no-untyped-call]
-            response = _push(stub, source, meta=meta, target=target, timeout=timeout, resume=resume)
-        finally:
-            raw.close()
-    finally:
-        source.close()
+    with (
+        contextlib.closing(source),
+        _stub(target, handler.config.chunk_size, credentials, interceptors) as stub,
+    ):
+        response = _push(stub, source, meta=meta, target=target, timeout=timeout, resume=resume)
     lid = meta.last_included
     _log.info(
         "sent snapshot target=%s index=%d term=%d chunks=%d",
@@ -323,31 +324,30 @@ def pull_snapshot(
     """
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0, got {timeout!r}")
+    with _stub(target, handler.config.chunk_size, credentials, interceptors) as stub:
+        meta = _pull(stub, handler, target, timeout, current_term)
+    lid = meta.last_included
+    _log.info("pulled snapshot target=%s index=%d term=%d", target, lid.index, lid.term)
+    return meta
+
+
+def _pull(
+    stub: Any, handler: StateMachineHandler, target: str, timeout: float, current_term: int
+) -> SnapshotMetadata:
     acks: queue.SimpleQueue[SnapshotAck | None] = queue.SimpleQueue()
-
-    def requests() -> Iterator[SnapshotAck]:
-        yield from iter(acks.get, None)
-
-    channel, raw = _open_channel(target, handler.config.chunk_size, credentials, interceptors)
-    call = None
+    call = stub.StreamSnapshot(iter(acks.get, None), timeout=timeout)
     try:
-        stub = storage_pb2_grpc.SnapshotServiceStub(channel)  # type: ignore[no-untyped-call]
-        call = stub.StreamSnapshot(requests(), timeout=timeout)
-        try:
-            meta: SnapshotMetadata = handler.apply_snapshot_stream_from_leader(
-                current_term, iter(call), acks.put
-            )
-        except SnapshotTransferError as exc:
-            raise _pull_error(exc, target) from exc.__cause__
+        meta: SnapshotMetadata = handler.apply_snapshot_stream_from_leader(
+            current_term, iter(call), acks.put
+        )
+    except SnapshotTransferError as exc:
+        call.cancel()
+        raise _pull_error(exc, target) from exc.__cause__
     except BaseException:
-        if call is not None:
-            call.cancel()
+        call.cancel()
         raise
     finally:
         acks.put(None)
-        raw.close()
-    lid = meta.last_included
-    _log.info("pulled snapshot target=%s index=%d term=%d", target, lid.index, lid.term)
     return meta
 
 
