@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -701,3 +703,89 @@ def test_a_misbehaving_pusher_cannot_hold_the_receive_open(
         server.stop(None)
         follower.close()
         leader.close()
+
+
+# -- the push's resume probe ------------------------------------------------------------------
+class _NoProbePeer(storage_pb2_grpc.SnapshotServiceServicer):
+    """Like a d-engine node: any stream short of total_chunks is an error."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def InstallSnapshot(self, request_iterator: Any, context: Any) -> Any:
+        seqs = [c.seq for c in request_iterator if c.data]
+        self.calls.append(seqs)
+        if not seqs or len(seqs) != max(seqs) + 1:
+            context.abort(grpc.StatusCode.INTERNAL, f"Received chunks({len(seqs)}) != total")
+        return storage_pb2.SnapshotResponse(term=1, success=True, next_chunk=len(seqs))
+
+
+def test_push_to_a_peer_without_probe_support_sends_everything(tmp_path: Path) -> None:
+    leader = local_handler(tmp_path / "leader", seed_keys=20)
+    peer = _NoProbePeer()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    storage_pb2_grpc.add_SnapshotServiceServicer_to_server(peer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        response = transport.send_snapshot(f"127.0.0.1:{port}", leader, leader_term=2, timeout=WAIT)
+    finally:
+        server.stop(None)
+        leader.close()
+    assert response.success
+    assert peer.calls[0] == []  # the probe: a header, no data
+    assert peer.calls[1] == list(range(len(peer.calls[1]))) and len(peer.calls) == 2
+
+
+def test_push_to_a_busy_peer_fails_at_the_probe(tmp_path: Path) -> None:
+    leader = local_handler(tmp_path / "leader", seed_keys=20)
+    follower = local_handler(tmp_path / "follower")
+    server, port = transport.start_server(follower, "127.0.0.1:0")
+    sent: list[int] = []
+
+    def count(chunk: Any) -> Any:
+        if chunk.data:
+            sent.append(chunk.seq)
+        return chunk
+
+    try:
+        with _dir_locked(follower), pytest.raises(SnapshotTransferError, match="ABORTED"):
+            transport.send_snapshot(
+                f"127.0.0.1:{port}",
+                leader,
+                leader_term=2,
+                timeout=WAIT,
+                interceptors=[RequestEditor(count)],
+            )
+    finally:
+        server.stop(None)
+        follower.close()
+        leader.close()
+    assert sent == []  # refused before any data crossed
+
+
+@contextlib.contextmanager
+def _dir_locked(handler: StateMachineHandler) -> Iterator[None]:
+    """Another process's writer lock on the handler's snapshots directory."""
+    import filelock
+
+    lock = filelock.FileLock(str(handler.config.snapshots_dir / ".lock"))
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import filelock, sys; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+            "print('LOCKED', flush=True); sys.stdin.read()",
+            lock.lock_file,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "LOCKED"
+        yield
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(WAIT)

@@ -38,6 +38,16 @@ _log = logging.getLogger("d_engine_sm.transport")
 _GRPC_DEFAULT_MESSAGE: Final = 4 * 1024 * 1024
 _MESSAGE_OVERHEAD: Final = 64 * 1024  # chunk header + metadata, generously
 
+# How a peer that knows no probe (d-engine, an older d_engine_sm) refuses one.
+_PROBE_NOT_UNDERSTOOD: Final = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
 SnapshotAck = storage_pb2.SnapshotAck
 SnapshotChunk = storage_pb2.SnapshotChunk
 SnapshotMetadata = storage_pb2.SnapshotMetadata
@@ -253,13 +263,13 @@ def _probe(
     target: str,
     end_by: float,
 ) -> Decision:
-    """Ask the peer where to start (a header alone); any answer but "stale" falls back to 0."""
+    """Ask the peer where to start (a header alone); a peer that does not resume gets all."""
     try:
         answer: SnapshotResponse = stub.InstallSnapshot(
             iter([source.header()]), timeout=max(0.001, end_by - time.monotonic())
         )
     except grpc.RpcError as err:
-        if _code(err) in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if _code(err) not in _PROBE_NOT_UNDERSTOOD:  # stale, busy, unreachable: say so now
             raise _push_error(err, target, meta) from err
         _log.info("resume probe refused target=%s: %s", target, _describe(err))
         return sender.on_probe_refused(time.monotonic())
