@@ -158,11 +158,11 @@ def receive_archive(
     progress: ProgressFn | None,
     expected_format: tuple[str, int] | None,
     closed: Callable[[], bool],
-    on_error: Callable[[BaseException, ReceiveAbort | None, int], BaseException],
+    on_error: Callable[[BaseException, ReceiveAbort | None, SnapshotReceiver], BaseException],
 ) -> tuple[Received, SnapshotReceiver]:
     """Receive, verify and unpack one stream; temp files are owned by ``cleanup``.
 
-    ``on_error(error, abort, received)`` turns a failure into the error to
+    ``on_error(error, abort, receiver)`` turns a failure into the error to
     raise (the final ack was sent and the partial dealt with here).
     """
     partial = partials.load() if config.resume_ttl > 0 else None
@@ -187,7 +187,7 @@ def receive_archive(
         if abort is not None and abort.ack is not None:
             send_ack(ack, abort.ack)
         sink.abandon(rx, abort is not None and abort.resumable)
-        error = on_error(exc, abort, rx.received)
+        error = on_error(exc, abort, rx)
         raise error from error.__cause__
     report(progress, "unpack", rx.received_bytes, rx.received_bytes)
     verified = SnapshotMetadata()

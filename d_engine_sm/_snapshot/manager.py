@@ -536,7 +536,7 @@ class SnapshotManager:
                 progress=progress,
                 expected_format=declared_format(self._sm),
                 closed=lambda: self._closed,
-                on_error=lambda exc, abort, n: self._receive_error(exc, abort, n, last_applied),
+                on_error=lambda exc, abort, rx: self._receive_error(exc, abort, rx, last_applied),
             )
             meta = received.metadata
             self._install(
@@ -550,19 +550,23 @@ class SnapshotManager:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _receive_error(
-        self, exc: BaseException, abort: ReceiveAbort | None, received: int, last_applied: int
+        self,
+        exc: BaseException,
+        abort: ReceiveAbort | None,
+        rx: SnapshotReceiver,
+        last_applied: int,
     ) -> BaseException:
         """The public error for a failed receive (the final ack was already sent)."""
         error: SnapshotError
         if isinstance(exc, OSError):
-            error = self._disk_error(exc, 0, "receiving snapshot")
+            error = self._disk_error(exc, rx.expected_bytes, "receiving snapshot")
         elif isinstance(exc, StreamError):
-            error = SnapshotTransferError(f"stream error: {exc.__cause__!r}", seq=received)
+            error = SnapshotTransferError(f"stream error: {exc.__cause__!r}", seq=rx.received)
             exc = exc.__cause__ or exc
         elif isinstance(exc, TypeError):  # the stream yielded something else than chunks
-            error = SnapshotTransferError(str(exc), seq=received)
+            error = SnapshotTransferError(str(exc), seq=rx.received)
         elif isinstance(exc, MemoryError):  # still a final ack and a library error
-            error = SnapshotTransferError("out of memory", seq=received)
+            error = SnapshotTransferError("out of memory", seq=rx.received)
         elif isinstance(exc, (ReceiveAbort, ChunkTimeout)) and abort is not None:
             return _translate(abort, last_applied)
         else:
