@@ -568,3 +568,27 @@ def test_empty_checksum_refused_when_required(tmp_path: Path, leader: Leader) ->
                 1, with_checksum(leader.chunks, b""), lambda _: None
             )
         assert h.last_applied() == 0 and h.get_latest_snapshot_metadata() is None
+
+
+@pytest.mark.timeout(300)
+@settings(PROFILE, max_examples=2000 if LONG else 200)
+@given(
+    blob=st.binary(min_size=64, max_size=2000),
+    chunk_size=st.integers(16, 128),
+    window=st.integers(1, 5),
+    cut_at=st.integers(1, 60),
+    noise=st.lists(st.sampled_from(["ok", "ok", "dup", "corrupt", "forge"]), max_size=60),
+)
+def test_a_cut_transfer_resumes_with_only_the_missing_chunks(
+    blob: bytes, chunk_size: int, window: int, cut_at: int, noise: list[str]
+) -> None:
+    # The connection is cut after ``cut_at`` messages (with some noise before).
+    faults = [*noise[:cut_at], *["ok"] * (cut_at - len(noise[:cut_at]))]
+    chunks = wire_chunks(blob, chunk_size)
+    run = transfer(
+        chunks, window=window, retries=3, fwd=Channel([*faults, "cut"]), back=Channel([])
+    )
+    if run.installed:
+        assert run.written == blob
+        return
+    resume_after(run, blob, chunks, window)
