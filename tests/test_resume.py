@@ -32,7 +32,9 @@ from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
 from d_engine_sm._snapshot import archive
+from d_engine_sm._snapshot import chunks as wire
 from d_engine_sm.errors import SnapshotTransferError
+from d_engine_sm.proto import common_pb2, storage_pb2
 from d_engine_sm.transport import grpc as transport
 
 MiB = 1024 * 1024
@@ -178,6 +180,7 @@ import grpc_node
 from test_grpc import RequestEditor
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm.proto import common_pb2, storage_pb2
 from d_engine_sm.transport import grpc as transport
 
 def slow(chunk):
@@ -389,3 +392,32 @@ def test_a_newer_local_snapshot_discards_the_partial(
     ) as follower:
         grpc_node.seed(follower, KEYS + 6, 100, 3)  # its own snapshot at index 70 > 64
         assert list(follower_dir.glob("temp-*")) == []
+
+
+def test_a_prefix_of_uneven_chunks_is_not_kept(tmp_path: Path) -> None:
+    # Chunks shorter than the first (before the last) make no clean cut to resume at.
+    meta = storage_pb2.SnapshotMetadata(
+        last_included=common_pb2.LogId(index=5, term=1), checksum=b"\x01" * 32
+    )
+    sizes = [10, 5, 10, 10]
+    stream = [
+        wire.make_chunk(
+            seq=i,
+            total=4,
+            data=b"x" * n,
+            leader_term=1,
+            leader_id=1,
+            metadata=meta if i == 0 else None,
+        )
+        for i, n in enumerate(sizes)
+    ]
+
+    def cut() -> Iterator[Any]:
+        yield from stream[:2]
+        raise ConnectionResetError("peer went away")
+
+    directory = tmp_path / "follower"
+    h = StateMachineHandler(MemoryStateMachine(), leader_config(directory))
+    with h, pytest.raises(SnapshotTransferError):
+        h.apply_snapshot_stream_from_leader(1, cut(), lambda _: None)
+    assert list(directory.glob("temp-*")) == []

@@ -87,17 +87,17 @@ class _Sink:
         cleanup.callback(self._files.close)
 
     def start(self, rx: SnapshotReceiver, partial: Partial | None) -> None:
-        resumed = partial is not None and rx.resumed > 0
-        held = partial.chunks * partial.chunk_size if resumed and partial else 0
+        """Open the data file: the partial's when resuming from it, else a fresh one."""
+        held = partial.chunks * partial.chunk_size if partial is not None else 0
         self._store.check_space(max(0, rx.expected_bytes - held))
-        if resumed and partial is not None:
+        if partial is not None:
             self.out = self._files.enter_context(self._partials.open_resumed(partial))
         else:
             self.out = self._files.enter_context(self._partials.open_fresh())
         self._fs.announce("install:unpack")
         self._fs.mkdir(self.unpack_dir)
         self._unpacker.start()
-        if resumed and partial is not None:
+        if partial is not None:
             for block in self._partials.read_prefix(partial):
                 self.hasher.update(block)
                 self._unpacker.feed(block)

@@ -154,11 +154,16 @@ class PartialStore:
             False (and the data removed) when keeping is disabled or too big.
         """
         size = _bytes(partial)
-        if self._ttl <= 0 or size > self._max_bytes or len(partial.checksum) != SHA256_LEN:
+        out.flush()
+        if (
+            self._ttl <= 0
+            or size > self._max_bytes
+            or len(partial.checksum) != SHA256_LEN
+            or out.tell() != size  # chunks of another size than the first: no clean cut
+        ):
             self.discard("not resumable")
             return False
         fs, store = self._store.fs, self._store
-        out.flush()
         if store.fsync:
             fs.fsync(out)
         doc = _to_doc(partial) | {"saved_at": self._clock()}
