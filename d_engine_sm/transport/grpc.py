@@ -1,7 +1,8 @@
 """gRPC snapshot transport: d-engine's ``SnapshotService`` over HTTP/2.
 
-The only module in the package that imports ``grpc`` (extra
-``d_engine_sm[grpc]``). Method paths are d-engine's:
+The public face of the gRPC transport (extra ``d_engine_sm[grpc]``); with
+its private halves ``_grpc_server`` and ``_grpc_client`` the only modules
+that import ``grpc``. Method paths are d-engine's:
 
 - ``/d_engine.server.storage.SnapshotService/InstallSnapshot`` — client
   streaming, leader → follower. The follower's reply says success only
