@@ -197,6 +197,7 @@ print("SENT", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_push_resumes_after_the_sender_is_killed(
     tmp_path: Path, leader: StateMachineHandler, peers: Callable[..., Node]
 ) -> None:
@@ -240,6 +241,7 @@ def test_push_resumes_after_the_sender_is_killed(
     assert_installed(peer, leader)
 
 
+@pytest.mark.slow
 def test_push_resumes_after_the_connection_drops(
     tmp_path: Path, leader: StateMachineHandler, peers: Callable[..., Node]
 ) -> None:
@@ -289,6 +291,7 @@ def assert_pulled(learner: StateMachineHandler, peer: Node) -> None:
     assert temps(learner.config.snapshots_dir) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", ["kill", "drop"])
 def test_pull_resumes_after_a_cut(tmp_path: Path, peers: Callable[..., Node], cut: str) -> None:
     seed = ("--seed-keys", str(KEYS), "--value-size", str(MiB), "--seed", "11")
