@@ -51,8 +51,14 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
-from d_engine_sm.proto import storage_pb2_grpc
-from d_engine_sm.transport._grpc_client import message_limit, options, pull_snapshot, send_snapshot
+from d_engine_sm.proto import storage_pb2, storage_pb2_grpc
+from d_engine_sm.transport import _grpc_client
+from d_engine_sm.transport._grpc_client import (
+    message_limit,
+    options,
+    pull_snapshot,
+    send_snapshot,
+)
 from d_engine_sm.transport._grpc_server import (
     DEFAULT_WINDOW,
     ERROR_KEY,
@@ -66,6 +72,12 @@ if TYPE_CHECKING:
     from d_engine_sm._handler import StateMachineHandler
 
 _log = logging.getLogger("d_engine_sm.transport")
+
+Interceptors = _grpc_client.Interceptors
+SnapshotAck = storage_pb2.SnapshotAck
+SnapshotChunk = storage_pb2.SnapshotChunk
+SnapshotMetadata = storage_pb2.SnapshotMetadata
+SnapshotResponse = storage_pb2.SnapshotResponse
 
 SERVICE_NAME: Final = "d_engine.server.storage.SnapshotService"
 INSTALL_SNAPSHOT_METHOD: Final = f"/{SERVICE_NAME}/InstallSnapshot"
