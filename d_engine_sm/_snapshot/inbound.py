@@ -211,15 +211,15 @@ def _pump(
         if closed():
             raise HandlerClosed("handler closed during a snapshot receive")
         step = rx.feed(chunk, time.monotonic())
-        if step.data is not None and sink.out is None:  # lazily: a probe touches no file
-            sink.start(rx, partial if rx.resumed else None)
-        if step.ack is not None:
-            # Before writing: the sender goes on while we hash and write. A write
-            # that fails after it still ends the transfer with a FAILED ack.
-            send_ack(ack, step.ack)
         if step.data is not None:
+            if sink.out is None:  # started lazily: a probe touches no file
+                sink.start(rx, partial if rx.resumed else None)
+            # Written (and its manifest checked) before it is acked: a chunk
+            # this node cannot use is never ACCEPTED.
             sink.write(step.data)
             report(progress, "receive", rx.received_bytes, rx.expected_bytes)
+        if step.ack is not None:
+            send_ack(ack, step.ack)
     return rx.end_of_stream()
 
 
