@@ -566,7 +566,7 @@ def test_empty_chunk_zero_is_a_header_not_an_archive() -> None:
     acks, written, abort = run(rx, [chunk(0, b"", total=1)])
     assert acks == [(0, "REQUESTED", 0), (0, "FAILED", 0)]
     assert written == b""
-    assert abort is not None and abort.resumable
+    assert abort is not None and not abort.resumable  # ended by the sender: a probe
 
 
 def test_refusal_keeps_the_facts() -> None:
@@ -862,8 +862,8 @@ def test_no_resume_without_a_sha256() -> None:
 def test_which_failures_are_resumable() -> None:
     chunks = resumable_stream()
     rx = SnapshotReceiver(last_applied_index=0)
-    _, _, abort = run(rx, chunks[:3])  # ended early: the sender went away
-    assert abort is not None and abort.resumable
+    _, _, abort = run(rx, chunks[:3])  # ended early on purpose (a probe, a stop): not kept
+    assert abort is not None and not abort.resumable
     rx = SnapshotReceiver(last_applied_index=0)
     rx.feed(chunks[0])
     assert rx.timed_out(1.0).resumable

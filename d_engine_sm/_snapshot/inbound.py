@@ -232,8 +232,13 @@ def _as_abort(
     if isinstance(exc, ChunkTimeout):
         late = rx.tick(time.monotonic())
         return late if late is not None else rx.timed_out(chunk_timeout)
-    if isinstance(exc, StreamError):  # the connection or the peer went away
-        return rx.fail(f"stream error: {exc.__cause__!r}", resumable=True)
+    if isinstance(exc, StreamError):
+        # The connection or the peer went away (keep what was verified) -- unless
+        # this side stopped it: Ctrl-C, or ECONNABORTED ("software caused
+        # connection abort"), which callers raise to abandon a transfer.
+        cause = exc.__cause__
+        gone = isinstance(cause, Exception) and not isinstance(cause, ConnectionAbortedError)
+        return rx.fail(f"stream error: {cause!r}", resumable=gone)
     if isinstance(exc, (DEngineError, OSError, TypeError, MemoryError)):
         return rx.fail(str(exc) or type(exc).__name__)
     return None

@@ -47,8 +47,9 @@ States::
 - ABORTED: terminal. The abort that caused it carried the final ack; every
   later call raises a ReceiveAbort with ``ack=None`` (nothing more to send).
   ``ReceiveAbort.resumable`` says whether the failure was the peer's or the
-  connection's going away (stream ended early, a deadline, a stream error)
-  rather than wrong data: only then is the verified prefix worth keeping.
+  connection's going away (a deadline, or the driver's ``fail(resumable=True)``
+  for a broken stream) rather than wrong data or a deliberate stop (a stream
+  that simply ends early): only then is the verified prefix worth keeping.
 
 The first data chunk fixes the largest chunk size so that ``expected_bytes``
 (checked against free space) is an upper bound; d-engine senders cut
@@ -363,7 +364,7 @@ class SnapshotReceiver:
         if self._state == AWAIT_FIRST:
             raise self._fail("missing metadata in snapshot stream (no chunk 0 accepted)", 0, 0)
         n = self._received
-        raise self._fail(f"stream ended after {n} of {self._total} chunks", n, n, resumable=True)
+        raise self._fail(f"stream ended after {n} of {self._total} chunks", n, n)
 
     def timed_out(self, seconds: float) -> ReceiveAbort:
         """No chunk arrived within ``seconds``: abort with a FAILED ack.

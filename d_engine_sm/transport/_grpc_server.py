@@ -165,7 +165,7 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
                 # A header alone asks where to resume: not a failure.
                 _log.info("InstallSnapshot probe peer=%s next_chunk=%d", peer, next_chunk)
                 return SnapshotResponse(term=term, success=False, next_chunk=next_chunk)
-            return self._refuse(context, exc, term, next_chunk)
+            return self._refuse(context, exc, term, next_chunk, peer)
         total = last[0].next_requested if last else 0
         lid = meta.last_included
         _log.info(
@@ -178,12 +178,14 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
         return SnapshotResponse(term=term, success=True, next_chunk=total)
 
     def _refuse(
-        self, context: grpc.ServicerContext, exc: Exception, term: int, next_chunk: int
+        self, context: grpc.ServicerContext, exc: Exception, term: int, next_chunk: int, peer: str
     ) -> SnapshotResponse:
+        # ``peer`` was read when the call began: asking a cancelled call during a
+        # server's shutdown can block until the shutdown is over.
         code = status_for(exc)
         _log.warning(
             "InstallSnapshot failed peer=%s code=%s next_chunk=%d error=%s",
-            context.peer(),
+            peer,
             code.name,
             next_chunk,
             exc,
