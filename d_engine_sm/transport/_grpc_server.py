@@ -40,6 +40,7 @@ NEXT_CHUNK_KEY: Final = "d-engine-sm-next-chunk"
 LAST_APPLIED_KEY: Final = "d-engine-sm-last-applied"
 ERROR_KEY: Final = "d-engine-sm-error"
 DEFAULT_WINDOW: Final = 4
+_CUT_OFF_WAIT: Final = 0.2  # seconds for a cancellation to follow an early end of stream
 
 SnapshotAck = storage_pb2.SnapshotAck
 SnapshotChunk = storage_pb2.SnapshotChunk
@@ -63,15 +64,29 @@ def _status_name(status: int) -> str:
 
 
 class _Peeked(Iterator[SnapshotChunk]):
-    """Passes a request stream through, noting whether it was only a resume header."""
+    """Passes a request stream through, noting whether it was only a resume header.
 
-    def __init__(self, chunks: Iterator[SnapshotChunk]) -> None:
+    gRPC may end the request stream of a call whose client or connection died
+    as if the client had half-closed, the cancellation arriving just after.
+    An early end is therefore turned into a ``ConnectionResetError`` when the
+    call terminates within ``_CUT_OFF_WAIT`` (a half-close leaves it active),
+    so the receive keeps what it verified.
+    """
+
+    def __init__(self, chunks: Iterator[SnapshotChunk], context: grpc.ServicerContext) -> None:
         self._chunks = chunks
+        self._ended = threading.Event()
+        context.add_callback(self._ended.set)
         self.count = 0
         self.header_first = False
 
     def __next__(self) -> SnapshotChunk:
-        chunk = next(self._chunks)
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            if not self.probe and self._ended.wait(_CUT_OFF_WAIT):
+                raise ConnectionResetError("the call was cancelled mid-stream") from None
+            raise
         if self.count == 0:
             self.header_first = chunk.seq == 0 and not chunk.data and chunk.HasField("metadata")
         self.count += 1
@@ -144,7 +159,7 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
         term = self.current_term()
         peer = context.peer()
         last: list[SnapshotAck] = []
-        chunks = _Peeked(request_iterator)
+        chunks = _Peeked(request_iterator, context)
 
         def ack(message: SnapshotAck) -> None:
             # Client streaming: the leader cannot read acks, so they only log.
