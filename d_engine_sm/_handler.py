@@ -21,7 +21,7 @@ user code runs (acks, listeners, watch consumers pull from their own queues).
 
 Snapshot create and install are mutually exclusive through the snapshot
 manager's non-blocking guard plus the directory's ``.lock`` (see
-``_snapshot/manager.py``).
+``_snapshot/core.py``).
 """
 
 from __future__ import annotations

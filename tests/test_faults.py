@@ -104,7 +104,7 @@ TOLERATED: dict[tuple[str, str, int], str] = {
     # Installed, then keeping the archive failed: the state is right, the
     # archive is not kept (latest metadata unchanged) until the next local
     # snapshot; a retry is refused as stale (DESIGN: on success the archive
-    # is kept; manager._install logs "keeping received archive failed").
+    # is kept; install._keep_installed logs "keeping received archive failed").
     ("install", "replace", 1): "installed-not-kept",
     # Renamed, then the dir fsync failed: installed and the archive is on
     # disk under its final name, but not recorded until the next start-up.
