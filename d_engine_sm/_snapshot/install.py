@@ -17,7 +17,7 @@ from pathlib import Path
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._snapshot import archive, chunks, naming
 from d_engine_sm._snapshot.core import ManagerCore, SnapshotMetadata, snapshot_metadata
-from d_engine_sm._snapshot.inbound import receive_archive, send_ack
+from d_engine_sm._snapshot.inbound import AckFn, receive_archive, send_ack
 from d_engine_sm._snapshot.receiver import ReceiveAbort, SnapshotReceiver
 from d_engine_sm._snapshot.streams import ChunkTimeout, ProgressFn, StreamError, report
 from d_engine_sm._state_machine import declared_format
@@ -34,8 +34,6 @@ from d_engine_sm.errors import (
 from d_engine_sm.proto import storage_pb2
 
 _log = logging.getLogger("d_engine_sm.snapshot")
-
-AckFn = Callable[[storage_pb2.SnapshotAck], None]
 
 
 class Installing(ManagerCore):
@@ -54,7 +52,7 @@ class Installing(ManagerCore):
         try:
             exclusive = self._exclusive()
         except SnapshotError:  # in progress, or a read-only directory
-            send_ack(ack, _ack(0, storage_pb2.SnapshotAck.FAILED, 0))
+            send_ack(ack, storage_pb2.SnapshotAck(seq=0, status=storage_pb2.SnapshotAck.FAILED))
             self._metrics.incr("snapshot_receive_errors")
             raise
         with exclusive:
@@ -215,10 +213,6 @@ class Installing(ManagerCore):
         self._record(kept)
         self._prune_quietly()
         _log.info("snapshot installed index=%d term=%d path=%s", lid.index, lid.term, final)
-
-
-def _ack(seq: int, status: int, next_requested: int) -> storage_pb2.SnapshotAck:
-    return storage_pb2.SnapshotAck(seq=seq, status=status, next_requested=next_requested)  # type: ignore[arg-type]
 
 
 def _send_fail(ack: AckFn, rx: SnapshotReceiver, reason: str) -> None:

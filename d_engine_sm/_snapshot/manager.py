@@ -11,7 +11,8 @@ by ``receiver``/``chunks``, archives by ``archive`` and the directory by
 from __future__ import annotations
 
 from d_engine_sm._snapshot.create import Creating
-from d_engine_sm._snapshot.install import AckFn, Installing
+from d_engine_sm._snapshot.inbound import AckFn
+from d_engine_sm._snapshot.install import Installing
 from d_engine_sm._snapshot.outbound import Serving
 
 __all__ = ["AckFn", "SnapshotManager"]
