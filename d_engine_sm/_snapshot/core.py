@@ -140,6 +140,7 @@ class ManagerCore:
             if current is None or meta.last_included.index >= current.last_included.index:
                 self._latest = meta
 
+    # -- guards, close ---------------------------------------------------------
     def _check_writer(self, directory: Path) -> None:
         if self._config.read_only:
             raise ReadOnlySnapshotDir(
