@@ -1,0 +1,60 @@
+"""Sphinx configuration for the d_engine_sm documentation.
+
+Builds offline: no intersphinx, no extension that fetches anything. The
+version comes from the package itself, so it is written in one place.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # document this checkout, not an installed copy
+
+import d_engine_sm  # noqa: E402
+
+project = "d_engine_sm"
+author = "the d_engine_sm authors"
+copyright = "the d_engine_sm authors"  # noqa: A001 - Sphinx's name
+release = d_engine_sm.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.doctest",
+]
+
+# Offline and self-contained: nothing is resolved against other sites.
+intersphinx_mapping: dict[str, tuple[str, None]] = {}
+html_theme = "furo"
+html_title = f"d_engine_sm {release}"
+html_static_path: list[str] = []
+html_show_sourcelink = False
+exclude_patterns = ["_build"]
+templates_path: list[str] = []
+
+# Google-style docstrings only.
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_attr_annotations = True
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+}
+autodoc_inherit_docstrings = True
+# The generated protobuf classes have no Python source to cross-reference;
+# their references are left as plain text instead of warnings.
+nitpicky = False
+
+doctest_global_setup = """
+import tempfile
+from pathlib import Path
+"""
+doctest_test_doctest_blocks = "default"
