@@ -385,7 +385,7 @@ class StateMachineHandler(Closing):
     def create_snapshot(
         self, *, progress: ProgressFn | None = None
     ) -> tuple[storage_pb2.SnapshotMetadata, Path]:
-        """Snapshot the state at the current applied LogId.
+        """Snapshot the state at the exact applied LogId: generate, pack, fsync, publish, prune.
 
         Pauses applies only for ``prepare_snapshot`` (for the whole generate
         when the state machine has no ``prepare_snapshot``).
@@ -455,7 +455,7 @@ class StateMachineHandler(Closing):
         *,
         progress: ProgressFn | None = None,
     ) -> storage_pb2.SnapshotMetadata:
-        """Receive, verify and install a snapshot from the leader.
+        """Receive, verify (CRC32 per chunk, SHA-256 whole) and install a leader's snapshot.
 
         ``ack`` is called (no lock held) once per chunk and with a final
         ``FAILED``/``OUT_OF_ORDER`` ack on failure. On success the state
