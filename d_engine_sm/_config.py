@@ -16,6 +16,10 @@ GiB: Final = 1024 * MiB
 class SnapshotConfig:
     """Snapshot lifecycle settings. Every field is validated on construction.
 
+    The first nine fields are d-engine's, with durations in float seconds and
+    sizes in bytes; the rest are this library's. Frozen: share one instance
+    between threads freely.
+
     Raises:
         ValueError: a field is out of range; the message names the field.
         TypeError: a field has the wrong type.
@@ -25,14 +29,24 @@ class SnapshotConfig:
     """
 
     enable: bool = True
+    """False: ``should_snapshot`` always answers False (explicit creates still work)."""
     max_log_entries_before_snapshot: int = 1000
+    """The default policy's threshold: entries applied since the newest snapshot."""
     snapshot_cool_down_since_last_check: float = 3600.0
+    """The default policy's cooldown: seconds between two triggers."""
     cleanup_retain_count: int = 2
+    """Archives kept after each create or install (the newest ones, by index)."""
     snapshots_dir: Path = field(default_factory=lambda: Path("snapshots"))
+    """Where archives live; created on first use. One handler per directory writes."""
     snapshots_dir_prefix: str = "snapshot-"
+    """Archive file-name prefix: ``<prefix><index>-<term>.tar.gz``."""
     chunk_size: int = MiB
+    """Bytes of archive per ``SnapshotChunk`` sent (less than 2 GiB)."""
     retained_log_entries: int = 1
+    """A hint for the Raft log: purge up to ``last_included.index`` minus this.
+    It never moves the snapshot's label."""
     chunk_timeout: float = 10.0
+    """Seconds a receiver waits for the next chunk before aborting with FAILED."""
     # Beyond d-engine's fields:
     compression_level: int = 1
     """gzip level 0-9 (ISA-L maps it onto its 0-3 scale)."""
@@ -41,6 +55,7 @@ class SnapshotConfig:
     max_unpacked_bytes: int = 64 * GiB
     """Unpack refuses an archive whose members add up to more than this."""
     max_archive_members: int = 1_000_000
+    """Unpack refuses an archive with more members than this."""
     max_chunk_retries: int = 3
     """Resends accepted for one chunk after a CHECKSUM_MISMATCH."""
     keep_broken: int = 3

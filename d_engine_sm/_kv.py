@@ -38,17 +38,52 @@ def decode_command(entry: common_pb2.Entry) -> WriteCommand | None:
 
 
 def insert(key: bytes, value: bytes, ttl_secs: int = 0) -> bytes:
-    """Encoded Insert command (a convenience for callers and tests)."""
+    """Encoded Insert command (a convenience for callers and tests).
+
+    Args:
+        key: the key to set.
+        value: its value.
+        ttl_secs: seconds until the key expires; 0 never expires.
+
+    Returns:
+        A serialized ``WriteCommand``, the ``command`` bytes of an entry.
+
+    >>> from d_engine_sm.proto import client_pb2
+    >>> client_pb2.WriteCommand.FromString(insert(b"k", b"v", 5)).insert.ttl_secs
+    5
+    """
     return WriteCommand(
         insert=WriteCommand.Insert(key=key, value=value, ttl_secs=ttl_secs)
     ).SerializeToString()
 
 
 def delete(key: bytes) -> bytes:
+    """Encoded Delete command (deleting an absent key still succeeds).
+
+    Args:
+        key: the key to remove.
+
+    Returns:
+        A serialized ``WriteCommand``.
+    """
     return WriteCommand(delete=WriteCommand.Delete(key=key)).SerializeToString()
 
 
 def compare_and_swap(key: bytes, expected: bytes | None, new_value: bytes) -> bytes:
+    """Encoded CompareAndSwap command.
+
+    Applied, it sets ``key`` to ``new_value`` only when the live value equals
+    ``expected`` (with ``expected=None``: only when the key is absent);
+    otherwise the entry's result is ``succeeded=False`` and nothing changes.
+
+    Args:
+        key: the key to compare and set.
+        expected: the value required, or None for "absent".
+        new_value: the value to set.
+
+    Returns:
+        A serialized ``WriteCommand``.
+    """
     cas = WriteCommand.CompareAndSwap(key=key, new_value=new_value)
     if expected is not None:
         cas.expected_value = expected
@@ -56,12 +91,32 @@ def compare_and_swap(key: bytes, expected: bytes | None, new_value: bytes) -> by
 
 
 def command_entry(index: int, term: int, command: bytes) -> common_pb2.Entry:
+    """A log entry carrying ``command`` (for example from :func:`insert`).
+
+    Args:
+        index: the entry's log index.
+        term: the entry's term.
+        command: the payload bytes (a serialized ``WriteCommand`` for the
+            built-in state machines).
+
+    Returns:
+        A ``d_engine.common.Entry``.
+    """
     return common_pb2.Entry(
         index=index, term=term, payload=common_pb2.EntryPayload(command=command)
     )
 
 
 def noop_entry(index: int, term: int) -> common_pb2.Entry:
+    """A noop log entry (a new leader's first entry): applied, changes nothing.
+
+    Args:
+        index: the entry's log index.
+        term: the entry's term.
+
+    Returns:
+        A ``d_engine.common.Entry`` with a ``noop`` payload.
+    """
     return common_pb2.Entry(
         index=index, term=term, payload=common_pb2.EntryPayload(noop=common_pb2.Noop())
     )
@@ -127,12 +182,15 @@ class KvOps:
     """The storage primitives :func:`apply_entries` drives (one per store)."""
 
     def put(self, key: bytes, value: bytes, expires_at: float | None) -> None:
+        """Set ``key``; ``expires_at`` is a wall-clock time, None for never."""
         raise NotImplementedError
 
     def delete(self, key: bytes) -> None:
+        """Remove ``key`` (absent keys are fine)."""
         raise NotImplementedError
 
     def get_live(self, key: bytes, now: float) -> bytes | None:
+        """The value of ``key`` unless absent or expired at ``now``."""
         raise NotImplementedError
 
     def plain_setter(self) -> Callable[[bytes, bytes], None] | None:

@@ -58,6 +58,10 @@ class MemoryStateMachine(StateMachine):
     ``prepare_snapshot`` copies the dicts (tens of milliseconds for a million
     keys), so snapshots are written while applies continue.
 
+    Thread safety: every method may be called from any thread; writes
+    (``apply_chunk``, install, ``reset``, ``lease_background_cleanup``) take
+    one internal lock. ``stop()`` only clears the running flag.
+
     Args:
         clock: wall-clock seconds used to stamp and check TTL expiry.
     """

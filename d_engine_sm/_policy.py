@@ -17,13 +17,32 @@ Clock = Callable[[], float]
 
 
 class SnapshotPolicy(abc.ABC):
-    """Decides, per commit, whether to snapshot. Must be thread-safe and cheap."""
+    """Decides, per commit, whether to snapshot. Must be thread-safe and cheap.
+
+    ``StateMachineHandler.should_snapshot`` consults it (with ``ApplyWorker``:
+    on the apply thread, after each applied batch that carried a commit), so
+    it must not block or do I/O.
+    """
 
     @abc.abstractmethod
-    def should_trigger(self, ctx: SnapshotContext) -> bool: ...
+    def should_trigger(self, ctx: SnapshotContext) -> bool:
+        """Whether a snapshot should be taken now.
+
+        Called from any thread, possibly concurrently; non-blocking.
+
+        Args:
+            ctx: role, terms, the applied LogId and the newest snapshot's LogId.
+
+        Returns:
+            True to ask for a snapshot. A True may start a cooldown, so the
+            caller should act on it.
+        """
 
     def mark_snapshot_created(self) -> None:  # noqa: B027 - optional hook
-        """Called by the handler after every successful create."""
+        """Called by the handler after every successful create (default: nothing).
+
+        Runs on the creating thread; must be quick and thread-safe.
+        """
 
     def mark_snapshot_skipped(self) -> None:  # noqa: B027 - optional hook
         """Called by the handler when a create found another writer at work
@@ -64,19 +83,36 @@ class LogSizePolicy(SnapshotPolicy):
 
     @property
     def threshold(self) -> int:
+        """The lag, in entries, that triggers a snapshot."""
         return self._threshold
 
     def update_threshold(self, threshold: int) -> None:
+        """Change the threshold; takes effect at the next check. Thread-safe.
+
+        Raises:
+            ValueError: ``threshold`` is not an int >= 1.
+        """
         self._check_threshold(threshold)
         self._threshold = threshold
 
     def lag_reached(self, ctx: SnapshotContext) -> bool:
+        """The size condition alone (no cooldown, no state change). Non-blocking.
+
+        >>> from d_engine_sm._values import log_id
+        >>> p = LogSizePolicy(100, 0.0)
+        >>> p.lag_reached(SnapshotContext(1, log_id(0, 0), log_id(100, 1), 1))
+        True
+        """
         if ctx.current_term < ctx.last_included.term:
             return False
         lag = max(0, ctx.last_applied.index - ctx.last_included.index)
         return lag >= self._threshold
 
     def should_trigger(self, ctx: SnapshotContext) -> bool:
+        """Lag reached and no trigger within ``cooldown``; a True starts the cooldown.
+
+        Takes a short internal lock; thread-safe.
+        """
         if not self.lag_reached(ctx):
             return False
         with self._lock:  # blocking, unlike d-engine's CAS that answered a spurious False
@@ -108,15 +144,19 @@ class TimeBasedPolicy(SnapshotPolicy):
         self._started = clock()
 
     def due(self) -> bool:
+        """Whether ``interval`` seconds passed since construction or the last reset."""
         return self._clock() - self._started >= self._interval
 
     def should_trigger(self, ctx: SnapshotContext) -> bool:
+        """True on the leader once the interval elapsed. Non-blocking, thread-safe."""
         return ctx.is_leader() and self.due()
 
     def reset_timer(self) -> None:
+        """Restart the interval from now."""
         self._started = self._clock()
 
     def mark_snapshot_created(self) -> None:
+        """Restart the interval (the handler calls it after every create)."""
         self.reset_timer()
 
 
@@ -130,11 +170,13 @@ class CompositePolicy(SnapshotPolicy):
         self.size = LogSizePolicy(threshold, cooldown, clock=clock)
 
     def should_trigger(self, ctx: SnapshotContext) -> bool:
+        """On the leader: the time OR the size component triggers. Thread-safe."""
         if not ctx.is_leader():
             return False
         return self.time.due() or self.size.should_trigger(ctx)
 
     def mark_snapshot_created(self) -> None:
+        """Restart the time component (the size component has no timer)."""
         self.time.mark_snapshot_created()
         self.size.mark_snapshot_created()
 

@@ -26,10 +26,12 @@ class ApplyResult(NamedTuple):
 
     @classmethod
     def success(cls, index: int) -> ApplyResult:
+        """The entry at ``index`` was applied and its command succeeded."""
         return cls(index, True)
 
     @classmethod
     def failure(cls, index: int) -> ApplyResult:
+        """The entry at ``index`` was applied but its command failed (CAS miss, bad bytes)."""
         return cls(index, False)
 
 
@@ -43,7 +45,21 @@ def _check_non_negative(owner: str, **fields: int) -> None:
 
 @dataclass(frozen=True)
 class NewCommitData:
-    """What the Raft core reports after advancing its commit index."""
+    """What the Raft core reports after advancing its commit index.
+
+    Args:
+        new_commit_index: the new commit index.
+        role: this node's ``NodeRole`` (``common_pb2.NODE_ROLE_LEADER``, ...).
+        current_term: this node's current term.
+
+    Raises:
+        ValueError: a field is negative.
+        TypeError: a field is not an int.
+
+    >>> from d_engine_sm.proto import common_pb2
+    >>> NewCommitData(10, common_pb2.NODE_ROLE_LEADER, 2).new_commit_index
+    10
+    """
 
     new_commit_index: int
     role: int
@@ -60,7 +76,14 @@ class NewCommitData:
 
 @dataclass(frozen=True)
 class SnapshotContext:
-    """Everything a :class:`SnapshotPolicy` may look at to decide."""
+    """Everything a :class:`~d_engine_sm.SnapshotPolicy` may look at to decide.
+
+    Attributes:
+        role: this node's ``NodeRole``.
+        last_included: the newest snapshot's LogId (``LogId(0, 0)`` when none).
+        last_applied: the handler's applied LogId.
+        current_term: this node's current term.
+    """
 
     role: int
     last_included: LogId
@@ -68,6 +91,7 @@ class SnapshotContext:
     current_term: int
 
     def is_leader(self) -> bool:
+        """Whether ``role`` is ``NODE_ROLE_LEADER``."""
         return self.role == common_pb2.NODE_ROLE_LEADER
 
 

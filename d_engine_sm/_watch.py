@@ -23,7 +23,13 @@ class Watcher(Closing):
 
     Thread-safe; meant for one consumer thread. Iteration blocks until an
     event arrives and ends once the watcher (or its handler) is closed and
-    the queue is drained.
+    the queue is drained. Built by ``StateMachineHandler.watch``; a context
+    manager that closes it.
+
+    Attributes:
+        key: the watched key, or None for every key.
+        maxsize: how many undelivered events are kept before the oldest drop.
+        dropped: how many events were dropped because the queue was full.
     """
 
     def __init__(self, hub: WatchHub, key: bytes | None, maxsize: int) -> None:
@@ -81,6 +87,7 @@ class Watcher(Closing):
 
     @property
     def closed(self) -> bool:
+        """True once the watcher or its handler was closed."""
         return self._closed
 
     def close(self) -> None:
@@ -106,9 +113,16 @@ class WatchHub:
 
     @property
     def active(self) -> bool:
+        """Whether any watcher is registered (apply skips event building when not)."""
         return bool(self._all or self._by_key)
 
     def watch(self, key: bytes | None, maxsize: int) -> Watcher:
+        """Register a watcher of ``key`` (all keys when None). Thread-safe.
+
+        Raises:
+            TypeError: ``key`` is neither bytes nor None.
+            ValueError: ``maxsize`` is not an int >= 1.
+        """
         if key is not None and not isinstance(key, bytes):
             raise TypeError(f"watch key must be bytes or None, got {type(key).__name__}")
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
@@ -149,6 +163,7 @@ class WatchHub:
                 self._by_key = by_key
 
     def close_all(self) -> None:
+        """Close every watcher and refuse new ones (the handler is closing)."""
         with self._lock:
             self._closed = True
             watchers = (*self._all, *(w for ws in self._by_key.values() for w in ws))

@@ -21,6 +21,9 @@ def _rebuild(cls: type[DEngineError], message: str, state: dict[str, Any]) -> DE
 class DEngineError(Exception):
     """Base of every error raised by d_engine_sm.
 
+    Catch it to handle any library error; every subclass pickles with its
+    attributes, so it can cross a process boundary.
+
     ``grpc_status`` names the gRPC status code (a ``grpc.StatusCode`` member
     name, kept a plain string so this module needs no grpc) that a transport
     answers with when the error ends a call; subclasses override it.
@@ -36,13 +39,22 @@ class DEngineError(Exception):
 
 
 class HandlerClosed(DEngineError):
-    """The handler was closed (before or during the call)."""
+    """The handler was closed (before or during the call).
+
+    ``wait_applied`` raises it in every waiter when ``close()`` runs.
+    """
 
     grpc_status: ClassVar[str] = "UNAVAILABLE"
 
 
 class ApplyTimeout(DEngineError, TimeoutError):
-    """``wait_applied`` gave up before ``target`` was applied."""
+    """``wait_applied`` gave up before ``target`` was applied (also a ``TimeoutError``).
+
+    Attributes:
+        target: the index waited for.
+        current: the applied index when the wait gave up.
+        timeout: the timeout in seconds.
+    """
 
     def __init__(self, target: int, current: int, timeout: float | None) -> None:
         super().__init__(
@@ -55,7 +67,14 @@ class ApplyTimeout(DEngineError, TimeoutError):
 
 
 class ApplyOrderError(DEngineError, ValueError):
-    """Entries were not contiguous from ``last_applied() + 1``; nothing was applied."""
+    """Entries were not contiguous from ``last_applied() + 1``; nothing was applied.
+
+    Also a ``ValueError``.
+
+    Attributes:
+        expected: the index that should have come next.
+        got: the index that came instead.
+    """
 
     def __init__(self, expected: int, got: int, detail: str = "") -> None:
         msg = f"entries out of order: expected index {expected}, got {got}"
@@ -65,7 +84,16 @@ class ApplyOrderError(DEngineError, ValueError):
 
 
 class ApplyError(DEngineError):
-    """The state machine failed to apply a batch; ``last_applied`` did not move."""
+    """The state machine failed to apply a batch; ``last_applied`` did not move.
+
+    The state machine's own exception is chained as ``__cause__``. Raised
+    too when it returned a wrong number of results.
+
+    Attributes:
+        first: the batch's first index.
+        last: the batch's last index.
+        reason: what went wrong (includes the cause's message).
+    """
 
     def __init__(self, first: int, last: int, reason: str) -> None:
         super().__init__(f"state machine failed to apply entries {first}..{last}: {reason}")
@@ -75,11 +103,21 @@ class ApplyError(DEngineError):
 
 
 class WorkerStopped(DEngineError):
-    """The ApplyWorker is shut down or stopped after a fatal error."""
+    """The ApplyWorker is shut down or stopped after a fatal error.
+
+    Final: a worker that stopped never accepts work again.
+    """
 
 
 class SubmitTimeout(DEngineError, TimeoutError):
-    """``ApplyWorker.submit`` waited ``timeout`` seconds for queue space."""
+    """``ApplyWorker.submit`` waited ``timeout`` seconds for queue space.
+
+    Also a ``TimeoutError``; nothing was queued.
+
+    Attributes:
+        timeout: the timeout in seconds.
+        queued: entries queued when it gave up.
+    """
 
     def __init__(self, timeout: float, queued: int) -> None:
         super().__init__(f"apply queue still full after {timeout}s ({queued} entries queued)")
@@ -92,7 +130,15 @@ class SnapshotError(DEngineError):
 
 
 class InsufficientSpace(SnapshotError):
-    """Not enough free disk space to write a snapshot."""
+    """Not enough free disk space to write a snapshot (checked before, or ENOSPC midway).
+
+    Temporary files were removed; nothing else changed.
+
+    Attributes:
+        path: the snapshots directory.
+        needed: bytes the operation expected to need.
+        available: bytes free when it failed.
+    """
 
     grpc_status: ClassVar[str] = "RESOURCE_EXHAUSTED"
 
@@ -106,13 +152,21 @@ class InsufficientSpace(SnapshotError):
 
 
 class SnapshotInProgress(SnapshotError):
-    """Another snapshot create/install holds the guard or the directory lock."""
+    """Another snapshot create/install holds the guard or the directory lock.
+
+    Raised at once, never after waiting: retry later. The lock may be held
+    by another process using the same snapshots directory.
+    """
 
     grpc_status: ClassVar[str] = "ABORTED"
 
 
 class SnapshotNotFound(SnapshotError):
-    """No archive exists for the requested metadata."""
+    """No archive exists for the requested metadata.
+
+    Attributes:
+        path: the archive path that was looked for.
+    """
 
     grpc_status: ClassVar[str] = "NOT_FOUND"
 
@@ -122,7 +176,12 @@ class SnapshotNotFound(SnapshotError):
 
 
 class CorruptSnapshotError(SnapshotError):
-    """An archive failed its integrity check (gzip CRC, tar structure, SHA-256)."""
+    """An archive failed its integrity check (gzip CRC, tar structure, SHA-256).
+
+    Attributes:
+        path: the archive.
+        reason: which check failed.
+    """
 
     grpc_status: ClassVar[str] = "INVALID_ARGUMENT"
 
@@ -133,7 +192,12 @@ class CorruptSnapshotError(SnapshotError):
 
 
 class ChunkOutOfRange(SnapshotError, IndexError):
-    """``load_snapshot_chunk`` was asked for ``seq >= total_chunks``."""
+    """``load_snapshot_chunk`` was asked for ``seq >= total_chunks`` (also an ``IndexError``).
+
+    Attributes:
+        seq: the chunk asked for.
+        total: the archive's number of chunks.
+    """
 
     grpc_status: ClassVar[str] = "OUT_OF_RANGE"
 
@@ -148,6 +212,12 @@ class SnapshotTransferError(SnapshotError):
 
     ``status`` is the name of the final ack's status (``FAILED``,
     ``OUT_OF_ORDER``, ``CHECKSUM_MISMATCH``) and ``seq`` the chunk concerned.
+    The follower's state and snapshots are exactly as before.
+
+    Attributes:
+        reason: what was wrong with the stream.
+        seq: the chunk concerned.
+        status: the name of the final ack's status.
     """
 
     grpc_status: ClassVar[str] = "INVALID_ARGUMENT"
@@ -160,7 +230,14 @@ class SnapshotTransferError(SnapshotError):
 
 
 class StaleSnapshotError(SnapshotTransferError):
-    """The offered snapshot is not newer than what this node already applied."""
+    """The offered snapshot is not newer than what this node already applied.
+
+    Nothing is installed; the node already has that state or a newer one.
+
+    Attributes:
+        snapshot_index: the offered snapshot's ``last_included.index``.
+        last_applied: this node's applied index.
+    """
 
     grpc_status: ClassVar[str] = "FAILED_PRECONDITION"
 
@@ -189,7 +266,14 @@ class SnapshotMetadataError(SnapshotTransferError):
 
 
 class UnsafeArchiveError(SnapshotError):
-    """An archive member would escape the target dir, is a link/device, or exceeds a limit."""
+    """An archive member would escape the target dir, is a link/device, or exceeds a limit.
+
+    Nothing was unpacked outside the snapshots directory and nothing installed.
+
+    Attributes:
+        member: the member's name in the archive.
+        reason: why it was refused.
+    """
 
     grpc_status: ClassVar[str] = "INVALID_ARGUMENT"
 

@@ -226,6 +226,7 @@ class StateMachineConformance:
 
     # -- S001 ------------------------------------------------------------
     def test_start_stop(self, tmp_path: Path) -> None:
+        """Fresh instances run; ``stop`` then ``start`` toggles ``is_running``."""
         sm = self._open(tmp_path / "sm")
         try:
             assert sm.is_running()
@@ -240,6 +241,7 @@ class StateMachineConformance:
 
     # -- S002 / S003 -----------------------------------------------------
     def test_insert_then_delete(self, tmp_path: Path) -> None:
+        """Insert then Delete a key; ``last_applied`` follows."""
         sm = self._open(tmp_path / "sm")
         try:
             assert [r.succeeded for r in sm.apply_chunk([ins(1, b"k", b"v")])] == [True]
@@ -251,6 +253,7 @@ class StateMachineConformance:
             dispose(sm)
 
     def test_get_many_matches_get(self, tmp_path: Path) -> None:
+        """``get_many`` answers exactly like ``get`` per key, in order."""
         sm = self._open(tmp_path / "sm")
         try:
             sm.apply_chunk([ins(i, b"k%d" % i, b"v%d" % i) for i in range(1, 1201)])
@@ -261,6 +264,7 @@ class StateMachineConformance:
             dispose(sm)
 
     def test_chunk_applies_in_order(self, tmp_path: Path) -> None:
+        """One result per entry, in order; an empty chunk changes nothing."""
         sm = self._open(tmp_path / "sm")
         try:
             results = sm.apply_chunk(
@@ -275,6 +279,7 @@ class StateMachineConformance:
             dispose(sm)
 
     def test_overwrite_and_delete_within_one_chunk(self, tmp_path: Path) -> None:
+        """Later writes in a chunk see earlier ones (last write wins)."""
         sm = self._open(tmp_path / "sm")
         try:
             sm.apply_chunk(
@@ -289,6 +294,7 @@ class StateMachineConformance:
 
     # -- S004 ------------------------------------------------------------
     def test_compare_and_swap(self, tmp_path: Path) -> None:
+        """CAS succeeds only on a match (``None``: key absent) and sees earlier writes."""
         sm = self._open(tmp_path / "sm")
         try:
             ok = sm.apply_chunk([cas(1, b"lock", None, b"owner1")])
@@ -318,6 +324,7 @@ class StateMachineConformance:
 
     # -- payload kinds ---------------------------------------------------
     def test_noop_config_and_undecodable_entries(self, tmp_path: Path) -> None:
+        """Noop, config and bad commands are applied; bad ones fail, changing nothing."""
         sm = self._open(tmp_path / "sm")
         try:
             sm.apply_chunk([ins(1, b"k", b"v")])
@@ -349,6 +356,7 @@ class StateMachineConformance:
 
     # -- TTL -------------------------------------------------------------
     def test_ttl(self, tmp_path: Path) -> None:
+        """TTL 0 never expires; with a clock, expiry is exact; cleanup removes expired keys."""
         now = [1_000_000.0]
         sm = self.make_state_machine_with_clock(tmp_path / "sm", lambda: now[0])
         exact = sm is not None
@@ -386,6 +394,7 @@ class StateMachineConformance:
 
     # -- S005 / S012 -----------------------------------------------------
     def test_reset(self, tmp_path: Path) -> None:
+        """``reset`` empties the state and metadata; indices restart at 1."""
         sm = self._open(tmp_path / "sm")
         try:
             sm.apply_chunk([ins(1, b"a", b"1"), ins(2, b"b", b"2", term=2)])
@@ -404,6 +413,7 @@ class StateMachineConformance:
             dispose(sm)
 
     def test_last_applied_and_entry_term(self, tmp_path: Path) -> None:
+        """``last_applied`` tracks terms; ``entry_term`` is None outside what was applied."""
         sm = self._open(tmp_path / "sm")
         try:
             assert _lid(sm) == (0, 0)
@@ -418,6 +428,7 @@ class StateMachineConformance:
 
     # -- S007 ------------------------------------------------------------
     def test_persist_metadata_and_flush(self, tmp_path: Path) -> None:
+        """The persist methods and ``flush`` succeed and keep what they recorded."""
         sm = self._open(tmp_path / "sm")
         try:
             sm.apply_chunk([ins(1, b"a", b"1"), ins(2, b"b", b"2")])
@@ -432,6 +443,7 @@ class StateMachineConformance:
 
     # -- S006: snapshot into a fresh instance ----------------------------
     def test_snapshot_into_fresh_instance(self, tmp_path: Path) -> None:
+        """A snapshot installed elsewhere replaces the whole state, exactly at its LogId."""
         source = self._open(tmp_path / "source")
         target = self._open(tmp_path / "target")
         try:
@@ -463,6 +475,7 @@ class StateMachineConformance:
 
     # -- S008 / S010: reopen after stop ----------------------------------
     def test_reopen_after_stop(self, tmp_path: Path) -> None:
+        """(durable) Data, ``last_applied`` and snapshot metadata survive stop and reopen."""
         self._need_durable()
         sm = self._open(tmp_path / "sm")
         meta = storage_pb2.SnapshotMetadata(last_included=log_id(2, 1), checksum=b"\x02" * 32)
@@ -484,6 +497,7 @@ class StateMachineConformance:
 
     # -- S009 / S011: dropped without stop or flush ----------------------
     def test_reopen_after_drop_without_stop(self, tmp_path: Path) -> None:
+        """(durable) An instance dropped without ``stop`` or ``flush`` loses nothing."""
         self._need_durable()
         sm: Any = self._open(tmp_path / "sm")
         sm.apply_chunk([ins(1, b"a", b"1"), ins(2, b"b", b"2"), ins(3, b"c", b"3")])
@@ -498,6 +512,7 @@ class StateMachineConformance:
 
     # -- crash -----------------------------------------------------------
     def test_sigkill_recovery(self, tmp_path: Path) -> None:
+        """(durable, ``factory``) SIGKILL loses no returned batch; state matches its index."""
         self._need_durable()
         if self.factory is None:
             pytest.skip("no factory: cannot rebuild the state machine in a subprocess")
