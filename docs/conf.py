@@ -53,8 +53,6 @@ autodoc_inherit_docstrings = True
 # their references are left as plain text instead of warnings.
 nitpicky = False
 
-doctest_global_setup = """
-import tempfile
-from pathlib import Path
-"""
-doctest_test_doctest_blocks = "default"
+# Only the pages' ``.. doctest::`` blocks: docstring examples need their
+# module's globals and run under pytest (tests/test_doctests.py).
+doctest_test_doctest_blocks = ""
