@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # document this checkout, not an installed copy
+sys.path.insert(0, str(ROOT / "docs" / "examples"))  # the pages' example modules
 
 import d_engine_sm  # noqa: E402
 
