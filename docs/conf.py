@@ -34,7 +34,7 @@ html_title = f"d_engine_sm {release}"
 html_static_path: list[str] = []
 html_show_sourcelink = False
 exclude_patterns = ["_build"]
-templates_path: list[str] = []
+templates_path = ["_templates"]
 
 # Google-style docstrings only.
 napoleon_google_docstring = True
@@ -57,3 +57,4 @@ nitpicky = False
 # Only the pages' ``.. doctest::`` blocks: docstring examples need their
 # module's globals and run under pytest (tests/test_doctests.py).
 doctest_test_doctest_blocks = ""
+html_show_sphinx = False  # no links off-site in the footer
