@@ -45,10 +45,9 @@ napoleon_attr_annotations = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
-autodoc_default_options = {
-    "members": True,
-    "show-inheritance": True,
-}
+# Inheritance is shown only where it matters (errors): the core classes'
+# private bases would only confuse.
+autodoc_default_options = {"members": True}
 autodoc_inherit_docstrings = True
 # The generated protobuf classes have no Python source to cross-reference;
 # their references are left as plain text instead of warnings.
