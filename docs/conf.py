@@ -27,8 +27,7 @@ extensions = [
     "sphinx.ext.doctest",
 ]
 
-# Offline and self-contained: nothing is resolved against other sites.
-intersphinx_mapping: dict[str, tuple[str, None]] = {}
+# Offline and self-contained: no intersphinx, nothing resolved against other sites.
 html_theme = "furo"
 html_title = f"d_engine_sm {release}"
 html_static_path: list[str] = []
