@@ -17,7 +17,7 @@ import d_engine_sm  # noqa: E402
 
 project = "d_engine_sm"
 author = "the d_engine_sm authors"
-copyright = "the d_engine_sm authors"  # noqa: A001 - Sphinx's name
+copyright = "the d_engine_sm authors"
 release = d_engine_sm.__version__
 version = ".".join(release.split(".")[:2])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import doctest
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -67,6 +68,20 @@ def test_docs_link_nowhere_outside() -> None:
         if EXTERNAL_LINK.search(line)
     ]
     assert offenders == []
+
+
+def test_built_html_check_catches_off_site_references(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("check_built", DOCS / "check_built.py")
+    assert spec is not None and spec.loader is not None
+    check_built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_built)
+    (tmp_path / "ok.html").write_text('<a href="api.html#x">x</a><img src="_static/a.svg">')
+    assert check_built.problems(tmp_path) == []
+    (tmp_path / "bad.html").write_text(
+        '<a href="https://example.org">x</a>\n<script src="//cdn.example/x.js">\nsee DESIGN.md\n'
+    )
+    assert [p.split(":")[1] for p in check_built.problems(tmp_path)] == ["1", "2", "3"]
+    assert check_built.main(["check_built", str(tmp_path)]) == 1
 
 
 def test_conf_needs_no_network() -> None:
