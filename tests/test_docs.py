@@ -90,6 +90,21 @@ def test_built_html_check_catches_off_site_references(tmp_path: Path) -> None:
 
 
 @needs_docs
+def test_api_page_covers_every_exported_name() -> None:
+    import d_engine_sm
+    import d_engine_sm.errors
+
+    api = (DOCS / "api.rst").read_text()
+    assert ".. automodule:: d_engine_sm.errors" in api
+    missing = [
+        name
+        for name in d_engine_sm.__all__
+        if name not in d_engine_sm.errors.__all__ and not re.search(rf"d_engine_sm\.{name}\b", api)
+    ]
+    assert missing == [], f"add these to docs/api.rst: {missing}"
+
+
+@needs_docs
 def test_conf_needs_no_network() -> None:
     text = (DOCS / "conf.py").read_text()
     assert "sphinx.ext.intersphinx" not in text
