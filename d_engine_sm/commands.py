@@ -1,6 +1,10 @@
 """Build the entries and ``WriteCommand`` payloads the built-in key/value
 state machines execute.
 
+``insert``, ``delete`` and ``compare_and_swap`` return the encoded command
+bytes; ``entry`` wraps command bytes in a log entry and ``noop`` builds a
+noop entry. All are pure functions: thread-safe, never blocking.
+
 >>> from d_engine_sm import commands
 >>> e = commands.entry(1, 1, commands.insert(b"k", b"v"))
 >>> (e.index, e.term)
