@@ -17,14 +17,19 @@ class StateMachine(abc.ABC):
 
     Who calls what. The handler calls only the write path and the reads:
     ``last_applied`` (once, when the handler is built), ``apply_chunk``,
-    ``get``/``get_many``, ``prepare_snapshot``, ``generate_snapshot_data``,
+    ``get``/``get_many``, ``__len__`` (for a snapshot's manifest),
+    ``prepare_snapshot``, ``generate_snapshot_data``,
     ``apply_snapshot_from_file`` and ``update_last_snapshot_metadata`` then
     ``persist_last_snapshot_metadata``. Every other method (``start``,
-    ``stop``, ``is_running``, ``entry_term``, ``__len__``,
-    ``update_last_applied``, ``persist_last_applied``, ``snapshot_metadata``,
-    ``flush``, ``reset``, ``lease_background_cleanup``) belongs to the
-    application that embeds the handler and to the conformance suite in
-    :mod:`d_engine_sm.testing`; the handler never calls them.
+    ``stop``, ``is_running``, ``entry_term``, ``update_last_applied``,
+    ``persist_last_applied``, ``snapshot_metadata``, ``flush``, ``reset``,
+    ``lease_background_cleanup``) belongs to the application that embeds the
+    handler and to the conformance suite in :mod:`d_engine_sm.testing`; the
+    handler never calls them.
+
+    Snapshot format. Set :attr:`snapshot_format` (and bump
+    :attr:`snapshot_format_version` when the files change) so that a node
+    refuses, at the first chunk, a snapshot its state machine cannot read.
 
     Threads. The handler calls each method on the thread of the public call
     that needs it (with :class:`~d_engine_sm.ApplyWorker`: applies on the
@@ -162,8 +167,11 @@ class StateMachine(abc.ABC):
     def __len__(self) -> int:
         """Number of keys held (a diagnostic: may count expired TTL keys).
 
-        Called by the application and the conformance suite; may be called
-        while an apply runs.
+        Called by ``create_snapshot`` with applies paused, just before
+        ``prepare_snapshot``, to record the key count in the archive's
+        manifest (if it raises, the manifest says "unknown"), so it must be
+        fast; and by the application and the conformance suite, from any
+        thread, possibly while an apply runs.
         """
 
     # -- write path ------------------------------------------------------

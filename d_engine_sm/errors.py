@@ -287,6 +287,10 @@ class ReadOnlySnapshotDir(SnapshotError):
     """A snapshot writer (create, install, cleanup) met a read-only snapshots directory.
 
     Reading, listing, verifying and sending still work on such a directory.
+
+    Attributes:
+        path: the snapshots directory.
+        detail: what the operating system said (``EROFS``, ``EACCES``, ...).
     """
 
     def __init__(self, path: str, detail: str = "read-only") -> None:
@@ -303,6 +307,11 @@ class SnapshotFormatMismatch(SnapshotTransferError):
 
     Raised as soon as the manifest arrives (the first chunk, normally), before
     anything is unpacked; ``expected`` and ``got`` name the two formats.
+    The final ack is ``FAILED``; the node is unchanged.
+
+    Attributes:
+        expected: the format (and version) this node's state machine reads.
+        got: the format the snapshot's manifest declares.
     """
 
     def __init__(self, expected: str, got: str, *, seq: int = 0) -> None:

@@ -19,6 +19,9 @@ LogId = common_pb2.LogId
 
 
 class DictMachine(StateMachine):
+    snapshot_format = "example.dict-json"  # what generate_snapshot_data writes
+    snapshot_format_version = 1
+
     def __init__(self) -> None:
         self._data: dict[bytes, bytes] = {}
         self._applied = LogId(index=0, term=0)
