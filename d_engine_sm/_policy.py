@@ -124,10 +124,12 @@ class LogSizePolicy(SnapshotPolicy):
             return True
 
     def mark_snapshot_created(self) -> None:
+        """The trigger made a snapshot: keep the cooldown it started. Thread-safe."""
         with self._lock:
             self._outstanding = False
 
     def mark_snapshot_skipped(self) -> None:
+        """The trigger made no snapshot: withdraw the cooldown it started. Thread-safe."""
         with self._lock:
             if self._outstanding:  # a create without a trigger withdraws nothing
                 self._last_trigger = self._before_trigger
@@ -176,9 +178,10 @@ class CompositePolicy(SnapshotPolicy):
         return self.time.due() or self.size.should_trigger(ctx)
 
     def mark_snapshot_created(self) -> None:
-        """Restart the time component (the size component has no timer)."""
+        """Restart the time component and keep the size component's cooldown."""
         self.time.mark_snapshot_created()
         self.size.mark_snapshot_created()
 
     def mark_snapshot_skipped(self) -> None:
+        """Withdraw the size component's cooldown (the interval keeps running)."""
         self.size.mark_snapshot_skipped()

@@ -19,10 +19,11 @@ class StateMachine(abc.ABC):
     ``last_applied`` (once, when the handler is built), ``apply_chunk``,
     ``get``/``get_many``, ``__len__`` (for a snapshot's manifest),
     ``prepare_snapshot``, ``generate_snapshot_data``,
-    ``apply_snapshot_from_file`` and ``update_last_snapshot_metadata`` then
+    ``apply_snapshot_from_file``, ``flush`` (before it publishes an archive)
+    and ``update_last_snapshot_metadata`` then
     ``persist_last_snapshot_metadata``. Every other method (``start``,
     ``stop``, ``is_running``, ``entry_term``, ``update_last_applied``,
-    ``persist_last_applied``, ``snapshot_metadata``, ``flush``, ``reset``,
+    ``persist_last_applied``, ``snapshot_metadata``, ``reset``,
     ``lease_background_cleanup``) belongs to the application that embeds the
     handler and to the conformance suite in :mod:`d_engine_sm.testing`; the
     handler never calls them.
