@@ -1,8 +1,11 @@
 """d_engine_sm: the state-machine side of a Raft node (d-engine 0.2.3 compatible)."""
 
+import logging as _logging
+
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._memory import MemoryStateMachine
+from d_engine_sm._metrics import METRICS, MetricSpec
 from d_engine_sm._policy import CompositePolicy, LogSizePolicy, SnapshotPolicy, TimeBasedPolicy
 from d_engine_sm._sqlite import SqliteStateMachine
 from d_engine_sm._state_machine import StateMachine
@@ -39,9 +42,14 @@ from d_engine_sm.errors import (
     WorkerStopped,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the one version source: setup.cfg reads it
+
+# A library logs, the application decides where it goes: without a handler of
+# its own, Python's last-resort handler would print warnings to stderr.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
+    "METRICS",
     "ApplyCompleted",
     "ApplyError",
     "ApplyOrderError",
@@ -57,6 +65,7 @@ __all__ = [
     "InsufficientSpace",
     "LogSizePolicy",
     "MemoryStateMachine",
+    "MetricSpec",
     "NewCommitData",
     "ReadOnlySnapshotDir",
     "SnapshotConfig",

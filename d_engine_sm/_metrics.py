@@ -1,10 +1,11 @@
-"""Counters and latency summaries behind ``StateMachineHandler.metrics()``."""
+"""The metrics table, and the counters and latency summaries behind ``handler.metrics()``."""
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol
 
 _WINDOW: Final = 1024  # recent observations kept for percentiles
 
@@ -80,27 +81,78 @@ class Metrics:
         return out
 
 
-# Names every handler reports from the start (zero until something happens).
-COUNTERS: Final = (
-    "apply_batches",
-    "apply_entries",
-    "apply_errors",
-    "snapshot_creates",
-    "snapshot_create_errors",
-    "snapshot_sends",
-    "snapshot_sent_bytes",
-    "snapshot_receives",
-    "snapshot_received_bytes",
-    "snapshot_receive_errors",
-    "watch_events",
-    "watch_dropped",
+Kind = Literal["counter", "gauge", "summary"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its key in ``handler.metrics()``, kind, unit and help text.
+
+    ``source`` says what reports it: ``"handler"`` (``StateMachineHandler.metrics()``)
+    or ``"worker"`` (an ``ApplyWorker``). A summary's value is a dict of
+    ``count``, ``sum``, ``max`` (since start) and ``p50``/``p99`` (of the
+    latest 1,024 observations).
+    """
+
+    name: str
+    kind: Kind
+    unit: str
+    help: str
+    source: Literal["handler", "worker"] = "handler"
+
+
+# Every metric the package reports, declared once: the handler's dict, the
+# Prometheus collector and the docs all read this table.
+METRICS: Final[tuple[MetricSpec, ...]] = (
+    MetricSpec(
+        "apply_batches", "counter", "batches", "Entry batches applied to the state machine."
+    ),
+    MetricSpec("apply_entries", "counter", "entries", "Entries applied to the state machine."),
+    MetricSpec("apply_errors", "counter", "batches", "Apply calls the state machine failed."),
+    MetricSpec("apply_seconds", "summary", "seconds", "Duration of one applied batch."),
+    MetricSpec("snapshot_creates", "counter", "snapshots", "Snapshots created."),
+    MetricSpec("snapshot_create_errors", "counter", "snapshots", "Snapshot creations that failed."),
+    MetricSpec("snapshot_create_seconds", "summary", "seconds", "Duration of a snapshot creation."),
+    MetricSpec("snapshot_sends", "counter", "snapshots", "Snapshots streamed to a follower."),
+    MetricSpec("snapshot_sent_bytes", "counter", "bytes", "Archive bytes streamed to followers."),
+    MetricSpec("snapshot_send_seconds", "summary", "seconds", "Duration of streaming a snapshot."),
+    MetricSpec("snapshot_receives", "counter", "snapshots", "Snapshots received and installed."),
+    MetricSpec("snapshot_received_bytes", "counter", "bytes", "Archive bytes received."),
+    MetricSpec(
+        "snapshot_receive_errors", "counter", "snapshots", "Snapshot receptions that failed."
+    ),
+    MetricSpec(
+        "snapshot_receive_seconds", "summary", "seconds", "Duration of receiving and installing."
+    ),
+    MetricSpec("watch_events", "counter", "events", "Watch events delivered to watchers."),
+    MetricSpec(
+        "watch_dropped", "counter", "events", "Watch events dropped (a watcher's queue full)."
+    ),
+    MetricSpec("last_applied", "gauge", "index", "Index of the last applied entry."),
+    MetricSpec("pending_commit", "gauge", "index", "Highest commit index the handler was told of."),
+    MetricSpec(
+        "worker_queued_entries", "gauge", "entries", "Entries queued in the apply worker.", "worker"
+    ),
+    MetricSpec(
+        "worker_failed", "gauge", "1", "1 once the apply worker has stopped on a failure.", "worker"
+    ),
 )
-SUMMARIES: Final = (
-    "apply_seconds",
-    "snapshot_create_seconds",
-    "snapshot_send_seconds",
-    "snapshot_receive_seconds",
-)
+
+# What the handler counts itself (zero until something happens).
+COUNTERS: Final = tuple(m.name for m in METRICS if m.source == "handler" and m.kind == "counter")
+SUMMARIES: Final = tuple(m.name for m in METRICS if m.kind == "summary")
+
+
+class _Worker(Protocol):
+    @property
+    def queued_entries(self) -> int: ...
+    @property
+    def failed(self) -> bool: ...
+
+
+def worker_metrics(worker: _Worker) -> dict[str, int]:
+    """The ``"worker"`` metrics of an ``ApplyWorker``, read now."""
+    return {"worker_queued_entries": worker.queued_entries, "worker_failed": int(worker.failed)}
 
 
 def new_handler_metrics() -> Metrics:

@@ -30,9 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":  # as a child script: import the package from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from d_engine_sm import _kv
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
