@@ -240,7 +240,7 @@ def bench_phases(leader: StateMachineHandler, scratch: Path, chunk: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mb", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--window", type=int, default=transport.DEFAULT_WINDOW)

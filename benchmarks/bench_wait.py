@@ -87,7 +87,7 @@ def handler_round_trips(rounds: int, snapdir: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     ns = parser.parse_args()

@@ -191,7 +191,7 @@ def async_waiters(root: Path, count: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--keys", type=int, default=1_000_000)
     parser.add_argument("--tail-batches", type=int, default=20_000)

@@ -30,7 +30,7 @@ import queue
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from d_engine_sm._closing import AsyncClosing
 from d_engine_sm._config import SnapshotConfig
@@ -328,7 +328,7 @@ class AsyncStateMachineHandler(AsyncClosing):
                 chunk = await self._run(next, chunks, end)
                 if chunk is end:
                     return
-                yield chunk
+                yield cast(storage_pb2.SnapshotChunk, chunk)  # not the sentinel
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("report", type=Path, help="the output of `coverage json`")
     parser.add_argument("--lines", type=float, required=True, help="minimum line coverage, %%")
     args = parser.parse_args(argv)
