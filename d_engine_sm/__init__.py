@@ -48,8 +48,7 @@ __version__ = "0.2.0.dev0"  # the one version source: setup.cfg reads it
 # its own, Python's last-resort handler would print warnings to stderr.
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
-__all__ = [
-    "METRICS",
+__all__ = [  # noqa: RUF022 - plain sorted() order, as the tests check
     "ApplyCompleted",
     "ApplyError",
     "ApplyOrderError",
@@ -64,6 +63,7 @@ __all__ = [
     "HandlerClosed",
     "InsufficientSpace",
     "LogSizePolicy",
+    "METRICS",
     "MemoryStateMachine",
     "MetricSpec",
     "NewCommitData",
