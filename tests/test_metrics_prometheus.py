@@ -197,3 +197,13 @@ def test_readme_table_lists_every_metric() -> None:
     section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \| (\w+) \| ", section, re.M)
     assert rows == [(m.name, m.kind) for m in METRICS]
+
+
+def test_readme_metrics_recipes_are_valid_python() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2  # Prometheus, OpenTelemetry
+    for block in blocks:
+        compile(block, "README.md", "exec")
+    assert "start_metrics_server" in blocks[0] and "create_observable_counter" in blocks[1]
