@@ -476,6 +476,8 @@ def test_without_prepare_generate_runs_with_applies_paused(tmp_path: Path) -> No
         assert b"k11" not in follower.items() and b"k10" in follower.items()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a million keys: over a minute on a loaded 2-core machine
 def test_two_phase_generate_runs_while_applies_complete_1m_keys(tmp_path: Path) -> None:
     """1M keys: an apply completes between prepare and the end of generate.
 
