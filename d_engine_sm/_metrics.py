@@ -131,6 +131,12 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
     MetricSpec("last_applied", "gauge", "index", "Index of the last applied entry."),
     MetricSpec("pending_commit", "gauge", "index", "Highest commit index the handler was told of."),
     MetricSpec(
+        "state_behind_snapshot",
+        "gauge",
+        "entries",
+        "Entries the state lacks to reach its newest snapshot (0 normally).",
+    ),
+    MetricSpec(
         "worker_queued_entries", "gauge", "entries", "Entries queued in the apply worker.", "worker"
     ),
     MetricSpec(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from d_engine_sm._snapshot import archive
+from d_engine_sm._snapshot.tarsafe import member_kind
 from d_engine_sm.errors import UnsafeArchiveError
 
 
@@ -60,7 +61,7 @@ def test_kind_names_cover_every_tar_type() -> None:
         tarfile.REGTYPE: "file",
     }
     for type_, kind in kinds.items():
-        assert archive._member_kind(_member("m", type_)) == kind
+        assert member_kind(_member("m", type_)) == kind
 
 
 @pytest.mark.parametrize(
