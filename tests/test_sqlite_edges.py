@@ -29,7 +29,7 @@ def test_snapshot_with_an_extra_column_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA journal_mode = DELETE")
     with SqliteStateMachine(tmp_path / "t.db") as sm:
         sm.apply_chunk([put(1, b"o", b"old")])
-        with pytest.raises(CorruptSnapshotError, match="unexpected kv table columns"):
+        with pytest.raises(CorruptSnapshotError, match="unexpected schema objects"):
             sm.apply_snapshot_from_file(_meta(5), snap)
         assert sm.items() == {b"o": b"old"} and sm.last_applied() == log_id(1, 1)
 
