@@ -112,7 +112,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keys", type=int, default=200_000)
     parser.add_argument("--value-size", type=int, default=100)
     parser.add_argument("--cases", default=",".join(CASES))

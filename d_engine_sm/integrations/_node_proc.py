@@ -163,7 +163,7 @@ class Node:
             window.sem.acquire()
             key = f"{prefix}{i:09d}"
             if self.mode == "plain":
-                self.plain.set(key, pool[i % 4096], callback=window.callback)
+                self.plain.set(key, pool[i % 4096], callback=window.callback)  # pyright: ignore[reportCallIssue]
             else:
                 from d_engine_sm import commands
 

@@ -202,7 +202,7 @@ class RaftNode:
         # The tick thread starts inside the constructor and may call the bridge at once.
         engine = _Engine(self._forwarder, self_addr, partners, conf)
         self._engine = engine
-        problem = _bridge.check_journal(handler, engine._SyncObj__raftLog)
+        problem = _bridge.check_journal(handler, engine._SyncObj__raftLog)  # pyright: ignore[reportAttributeAccessIssue]
         if problem is not None:
             raise ClusterMismatch(f"{problem}: the state belongs to another cluster; refusing")
         engine.addOnTickCallback(self._forwarder.on_tick)
@@ -258,7 +258,7 @@ class RaftNode:
         """
         if self._engine is None:
             raise ProposeError("CLOSED", False, "node is closed")
-        self._engine._propose(command, callback=callback)
+        self._engine._propose(command, callback=callback)  # pyright: ignore[reportCallIssue]
 
     def barrier(self, timeout: float) -> int:
         """Commit a no-op through the log; returns its index.
@@ -291,7 +291,7 @@ class RaftNode:
             done.set()
 
         assert self._engine is not None
-        self._engine._propose(command, callback=callback)
+        self._engine._propose(command, callback=callback)  # pyright: ignore[reportCallIssue]
         if not done.wait(timeout):
             raise ProposeTimeout(detail=f"no answer within {timeout}s")
         result, error = box[0]
@@ -388,7 +388,7 @@ class RaftNode:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.destroy()
-            thread = engine._SyncObj__thread
+            thread = engine._SyncObj__thread  # pyright: ignore[reportAttributeAccessIssue]
             if thread is not None:
                 thread.join(CLOSE_TIMEOUT)
         for part in ("_forwarder", "_catch_up", "_compaction"):
