@@ -75,6 +75,32 @@ def test_reopen_restores_everything(tmp_path: Path, durability: str) -> None:
         assert [again.entry_term(i) for i in range(6)] == [None, 1, 2, 3, 3, None]
 
 
+@pytest.mark.parametrize(("durability", "synced"), [("normal", True), ("off", False)])
+def test_flush_fsyncs_unless_durability_is_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, synced: bool
+) -> None:
+    calls: list[str] = []
+
+    class Counting(FileOps):
+        def fsync_dir(self, path: Path) -> None:
+            calls.append("dir")
+            super().fsync_dir(path)
+
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        calls.append("file")
+        real_fsync(fd)
+
+    with SqliteStateMachine(tmp_path / "s.db", durability=durability, file_ops=Counting()) as sm:
+        sm.apply_chunk([put(1, b"a", b"1")])
+        calls.clear()
+        monkeypatch.setattr(os, "fsync", counting_fsync)
+        sm.flush()
+        monkeypatch.undo()
+    assert ("dir" in calls and "file" in calls) if synced else calls == []
+
+
 def test_ttl_expiry_uses_the_clock_and_cleanup_returns_keys(tmp_path: Path) -> None:
     clock = Clock()
     with SqliteStateMachine(tmp_path / "s.db", clock=clock) as sm:
