@@ -13,6 +13,7 @@ class Closing:
     """Mixin: ``__enter__`` returns the object, ``__exit__`` calls ``close()``."""
 
     def close(self) -> None:
+        """Release resources. Idempotent; subclasses say whether it blocks."""
         raise NotImplementedError
 
     def __enter__(self: _C) -> _C:
@@ -31,6 +32,7 @@ class AsyncClosing:
     """Mixin: ``__aenter__`` returns the object, ``__aexit__`` awaits ``close()``."""
 
     async def close(self) -> None:
+        """Release resources. Idempotent; subclasses say whether it waits."""
         raise NotImplementedError
 
     async def __aenter__(self: _A) -> _A:

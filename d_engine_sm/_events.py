@@ -62,10 +62,18 @@ EventFn: TypeAlias = Callable[[WorkerEvent], Any]
 
 
 class HasPut(Protocol):
-    def put(self, item: WorkerEvent, /) -> Any: ...
+    """Anything with a ``put(event)`` method, such as a ``queue.Queue``."""
+
+    def put(self, item: WorkerEvent, /) -> Any:
+        """Accept one event; called on the apply thread, must not block long."""
 
 
 def event_sink(on_event: EventFn | HasPut) -> EventFn:
+    """Turn a callable or an object with ``put`` into the worker's event callback.
+
+    Raises:
+        TypeError: ``put`` is a coroutine function, or ``on_event`` is neither.
+    """
     put = getattr(on_event, "put", None)
     if put is not None and callable(put):
         if inspect.iscoroutinefunction(put):

@@ -165,14 +165,17 @@ class StateMachineHandler(Closing):
 
     @property
     def node_id(self) -> int:
+        """This node's id. Non-blocking."""
         return self._node_id
 
     @property
     def config(self) -> SnapshotConfig:
+        """The snapshot configuration (read-only after construction). Non-blocking."""
         return self._config
 
     @property
     def state_machine(self) -> StateMachine:
+        """The user's state machine this handler drives. Non-blocking."""
         return self._sm
 
     # -- applied index ---------------------------------------------------
@@ -380,6 +383,7 @@ class StateMachineHandler(Closing):
         return self._policy.should_trigger(ctx)
 
     def snapshot_in_progress(self) -> bool:
+        """True while a snapshot is being created. Non-blocking, thread-safe."""
         return self._snapshots.in_progress()
 
     def create_snapshot(
@@ -537,6 +541,7 @@ class StateMachineHandler(Closing):
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has been called. Non-blocking, thread-safe."""
         return self._closed
 
     def close(self) -> None:

@@ -52,10 +52,12 @@ class Metrics:
         self._summaries: dict[str, _Summary] = {}
 
     def incr(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to counter ``name``. Non-blocking, thread-safe."""
         with self._lock:
             self._counters[name] = self._counters.get(name, 0) + amount
 
     def observe(self, name: str, seconds: float) -> None:
+        """Record one duration in summary ``name``. Non-blocking, thread-safe."""
         with self._lock:
             summary = self._summaries.get(name)
             if summary is None:
@@ -74,6 +76,7 @@ class Metrics:
             summary.observe(seconds)
 
     def snapshot(self) -> dict[str, int | dict[str, float]]:
+        """A consistent copy of every counter and summary. Non-blocking, thread-safe."""
         with self._lock:
             out: dict[str, int | dict[str, float]] = dict(self._counters)
             for name, summary in self._summaries.items():
@@ -162,6 +165,7 @@ def worker_metrics(worker: _Worker) -> dict[str, int]:
 
 
 def new_handler_metrics() -> Metrics:
+    """Metrics for a handler, every declared counter present at zero."""
     metrics = Metrics()
     for name in COUNTERS:
         metrics.incr(name, 0)

@@ -42,11 +42,15 @@ FORKED: Final = "forked"  # inherited by a forked child: its threads are gone
 
 
 class Batch(NamedTuple):
+    """Entries to apply, in log order, and the commit data that came with them."""
+
     entries: list[common_pb2.Entry]
     commit: NewCommitData | None
 
 
 class Pipeline:
+    """The queue and state an ``ApplyWorker`` shares with its apply thread; guarded by ``cond``."""
+
     def __init__(
         self,
         handler: StateMachineHandler,
@@ -90,6 +94,7 @@ class Pipeline:
         raise ApplyOrderError(expected, first, detail)
 
     def submit(self, batch: Batch, timeout: float | None) -> None:
+        """Queue ``batch``, waiting up to ``timeout`` for room. Blocks; thread-safe."""
         entries = batch.entries
         first, n = entries[0].index, len(entries)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -215,6 +220,7 @@ class Pipeline:
         self.emit(FatalError(source, exc))
 
     def emit(self, event: WorkerEvent) -> None:
+        """Deliver ``event`` to the sink; a failing sink is logged, never raised."""
         try:
             self.sink(event)
         except Exception:
@@ -305,6 +311,7 @@ class Pipeline:
 
 
 def apply_loop(owner: weakref.ReferenceType[Any], pipeline: Pipeline) -> None:
+    """The apply thread's body: take batches and apply them until shutdown."""
     name = threading.current_thread().name
     _log.info("apply worker started thread=%s", name)
     try:

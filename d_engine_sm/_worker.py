@@ -131,6 +131,7 @@ class ApplyWorker:
 
     @property
     def handler(self) -> StateMachineHandler:
+        """The handler this worker applies to. Non-blocking."""
         return self._p.handler
 
     @property

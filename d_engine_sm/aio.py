@@ -117,18 +117,22 @@ class AsyncStateMachineHandler(AsyncClosing):
 
     @property
     def handler(self) -> StateMachineHandler:
+        """The wrapped blocking handler. Non-blocking."""
         return self._handler
 
     @property
     def node_id(self) -> int:
+        """This node's id, as given to the handler. Non-blocking."""
         return self._handler.node_id
 
     @property
     def config(self) -> SnapshotConfig:
+        """The handler's snapshot configuration. Non-blocking."""
         return self._handler.config
 
     @property
     def closed(self) -> bool:
+        """True once the handler is closed. Non-blocking, thread-safe."""
         return self._handler.closed
 
     def pending_waiters(self) -> int:
@@ -143,27 +147,35 @@ class AsyncStateMachineHandler(AsyncClosing):
 
     # -- cheap, inline -------------------------------------------------------
     async def last_applied(self) -> int:
+        """The highest applied log index. Inline, non-blocking."""
         return self._handler.last_applied()
 
     async def pending_commit(self) -> int:
+        """The highest commit index announced and not yet applied. Inline, non-blocking."""
         return self._handler.pending_commit()
 
     async def update_pending(self, new_commit: int) -> None:
+        """Record a newly committed index (never lowers it). Inline, non-blocking."""
         self._handler.update_pending(new_commit)
 
     async def pending_range(self) -> range | None:
+        """Indexes committed but not yet applied, or None. Inline, non-blocking."""
         return self._handler.pending_range()
 
     async def should_snapshot(self, new_commit_data: NewCommitData) -> bool:
+        """Whether the snapshot policy asks for a snapshot now. Inline, non-blocking."""
         return self._handler.should_snapshot(new_commit_data)
 
     async def snapshot_in_progress(self) -> bool:
+        """True while a snapshot is being created. Inline, non-blocking."""
         return self._handler.snapshot_in_progress()
 
     async def get_latest_snapshot_metadata(self) -> storage_pb2.SnapshotMetadata | None:
+        """Metadata of the newest published snapshot, or None. Inline, non-blocking."""
         return self._handler.get_latest_snapshot_metadata()
 
     async def metrics(self) -> dict[str, int | dict[str, float]]:
+        """A point-in-time copy of the handler's metrics. Inline, non-blocking."""
         return self._handler.metrics()
 
     # -- blocking, in the executor ---------------------------------------------
@@ -174,21 +186,37 @@ class AsyncStateMachineHandler(AsyncClosing):
     async def read_from_state_machine(
         self, keys: Iterable[bytes]
     ) -> list[client_pb2.ClientResult] | None:
+        """Read ``keys``; None if the state machine is not running.
+
+        Runs in the executor; the loop is never blocked. Safe from any task.
+        """
         return await self._run(self._handler.read_from_state_machine, list(keys))
 
     async def create_snapshot(
         self, *, progress: ProgressFn | None = None
     ) -> tuple[storage_pb2.SnapshotMetadata, Path]:
+        """Create, publish and prune a snapshot; returns its metadata and path.
+
+        Runs in the executor; the loop is never blocked. Safe from any task.
+        """
         return await self._run(self._handler.create_snapshot, progress=progress)
 
     async def cleanup_snapshot(
         self, retain_count: int, snapshot_dir: Path | None = None, prefix: str | None = None
     ) -> list[Path]:
+        """Remove all but the ``retain_count`` newest snapshots; returns the removed paths.
+
+        Runs in the executor; the loop is never blocked. Safe from any task.
+        """
         return await self._run(self._handler.cleanup_snapshot, retain_count, snapshot_dir, prefix)
 
     async def load_snapshot_chunk(
         self, metadata: storage_pb2.SnapshotMetadata, seq: int, *, leader_term: int | None = None
     ) -> storage_pb2.SnapshotChunk:
+        """Read chunk ``seq`` of the snapshot described by ``metadata``.
+
+        Runs in the executor; the loop is never blocked. Safe from any task.
+        """
         return await self._run(
             self._handler.load_snapshot_chunk, metadata, seq, leader_term=leader_term
         )
@@ -412,6 +440,7 @@ class AsyncWatcher:
             raise StopAsyncIteration from None
 
     def close(self) -> None:
+        """Stop watching; a waiting ``get`` ends. Non-blocking, idempotent."""
         self.watcher.close()
 
 
@@ -516,6 +545,7 @@ class AsyncApplyWorker(AsyncClosing):
 
     @property
     def worker(self) -> ApplyWorker:
+        """The wrapped thread-based worker. Non-blocking."""
         return self._worker
 
     def _deliver(self, event: WorkerEvent) -> None:

@@ -68,9 +68,11 @@ class HandlerCollector(Collector):
                 yield spec
 
     def describe(self) -> Iterable[Metric]:
+        """The metric families, without values (read at registration). Non-blocking."""
         return [_family(spec, ()) for spec in self._specs()]
 
     def collect(self) -> Iterable[Metric]:
+        """The current values, read from the handler (and worker) at scrape time. Non-blocking."""
         values: dict[str, int | dict[str, float]] = dict(self._handler.metrics())
         if self._worker is not None:
             values.update(worker_metrics(self._worker))
@@ -112,6 +114,7 @@ class MetricsServer:
 
     @property
     def host(self) -> str:
+        """The address the server is bound to. Non-blocking."""
         return str(self._server.server_address[0])
 
     @property

@@ -8,7 +8,7 @@ that import ``grpc``. Method paths are d-engine's:
   streaming, leader → follower. The follower's reply says success only
   after the snapshot is installed.
 - ``/d_engine.server.storage.SnapshotService/StreamSnapshot`` — bidirectional,
-  a learner pulls the leader's newest snapshot; its ``SnapshotAck``s drive
+  a learner pulls the leader's newest snapshot; its ``SnapshotAck`` messages drive
   flow control (a window of chunks in flight) and retransmission.
 
 InstallSnapshot outcome — the *status* is authoritative:
