@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # document this checkout, not an installed copy
 sys.path.insert(0, str(ROOT / "docs" / "examples"))  # the pages' example modules
 
+from docutils import nodes  # noqa: E402
+from docutils.statemachine import StringList  # noqa: E402
+from sphinx.application import Sphinx  # noqa: E402
+from sphinx.util.docutils import SphinxDirective  # noqa: E402
+
 import d_engine_sm  # noqa: E402
 
 project = "d_engine_sm"
@@ -56,3 +61,33 @@ nitpicky = False
 # module's globals and run under pytest (tests/test_doctests.py).
 doctest_test_doctest_blocks = ""
 html_show_sphinx = False  # no links off-site in the footer
+
+
+def metrics_table_lines() -> list[str]:
+    """The metric table as reStructuredText, one row per ``d_engine_sm.METRICS`` entry."""
+    lines = [".. list-table::", "   :header-rows: 1", "   :widths: 30 10 12 48", ""]
+    lines += ["   * - name", "     - kind", "     - unit", "     - what it measures"]
+    for spec in d_engine_sm.METRICS:
+        where = "" if spec.source == "handler" else " (``ApplyWorker``)"
+        lines += [f"   * - ``{spec.name}``", f"     - {spec.kind}", f"     - {spec.unit}"]
+        lines += [f"     - {spec.help}{where}"]
+    return lines
+
+
+class MetricsTable(SphinxDirective):
+    """``.. metrics-table::``: the metric table, generated from ``d_engine_sm.METRICS``.
+
+    The declarations are the one source: the page cannot drift from the code.
+    """
+
+    def run(self) -> list[nodes.Node]:
+        box = nodes.container()
+        rst = StringList(metrics_table_lines(), "metrics-table")
+        self.state.nested_parse(rst, self.content_offset, box)
+        return list(box.children)
+
+
+def setup(app: Sphinx) -> dict[str, bool]:
+    """Register the page directives of this site."""
+    app.add_directive("metrics-table", MetricsTable)
+    return {"parallel_read_safe": True}

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,30 @@ def test_reachable_check_can_fail() -> None:
     assert _reachable_undocumented(fake) == [
         "d_engine_sm.fake.test_reachable_check_can_fail.<locals>.Public.method"
     ]
+
+
+@needs_docs
+def test_metric_table_is_generated_from_the_declarations() -> None:
+    pytest.importorskip("sphinx")
+    import d_engine_sm
+
+    assert ".. metrics-table::" in (DOCS / "operations.rst").read_text()
+    spec = importlib.util.spec_from_file_location("docs_conf", DOCS / "conf.py")
+    assert spec is not None and spec.loader is not None
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    rows = "\n".join(conf.metrics_table_lines())
+    for metric in d_engine_sm.METRICS:
+        cells = [f"``{metric.name}``", metric.kind, metric.unit, metric.help]
+        assert "* - " + "\n     - ".join(cells) in rows
+
+
+@needs_docs
+def test_opentelemetry_recipe_compiles() -> None:
+    # OpenTelemetry is not a dependency: the recipe is compiled, not run.
+    recipe = DOCS / "examples" / "otel_metrics.py"
+    compile(recipe.read_text(), str(recipe), "exec")
+    page = (DOCS / "operations.rst").read_text()
+    assert ".. literalinclude:: examples/otel_metrics.py" in page
+    for block in re.findall(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", page):
+        compile(textwrap.dedent(block), "operations.rst", "exec")
