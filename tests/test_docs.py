@@ -242,3 +242,25 @@ def test_opentelemetry_recipe_compiles() -> None:
     assert ".. literalinclude:: examples/otel_metrics.py" in page
     for block in re.findall(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", page):
         compile(textwrap.dedent(block), "operations.rst", "exec")
+
+
+def test_readme_guarantees_link_to_tests_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"\[`(tests/[\w/]+\.py)((?:::\w+)?)`\]\(([^)]+)\)", table)
+    assert len(links) >= 20
+    names = {row.split(" | ")[0].strip("| ") for row in table.splitlines()[3:] if row}
+    wanted = {
+        "bounded memory for any archive",
+        "schema validation of received SQLite files",
+        "durable state before publish",
+        "clean interrupt",
+        "read-only directories",
+        "nothing written after close",
+        "resumable verified transfer",
+    }
+    assert wanted <= names
+    for shown, test, target in links:
+        assert shown == target and (ROOT / target).is_file(), target
+        if test:
+            assert f"def {test[2:]}(" in (ROOT / target).read_text(), shown + test
