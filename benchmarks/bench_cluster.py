@@ -16,7 +16,9 @@ Each case starts a fresh 3-process cluster on 127.0.0.1 for each flavour:
    never finishes (then "did not finish"). Target: completes at 500k keys and
    for a >= 200 MB archive (plain does not), faster than plain at 200k.
 
-Also printed: terms (elections) per run, longest tick gap and longest own
+Also printed: CPU seconds of the 3 node processes during the writes (plain's
+forked dump processes included), archives created per node, terms
+(elections) per run, longest tick gap and longest own
 work on PySyncObj's tick thread (d_engine_sm only).
 
     python benchmarks/bench_cluster.py [--keys 200000] [--value-size 100]
@@ -72,6 +74,9 @@ def run_case(case: str, mode: str, args: argparse.Namespace, root: Path) -> dict
         c.start()
         leader = c.wait_leader()
         out["writes_per_second"] = load(c, args.keys, args.value_size, "k")
+        cpu = [n.call("cpu") for n in c.nodes]
+        # All nodes' CPU for the writes, plain's forked dump processes included.
+        out["cpu_seconds"] = sum(x["process"] + x["children"] for x in cpu)
         if case in ("snapshot", "catch-up"):
             snap = c.nodes[leader].call("compact", timeout=3600)
             out["snapshot_seconds"], out["snapshot_bytes"] = snap["seconds"], snap["bytes"]
@@ -83,6 +88,7 @@ def run_case(case: str, mode: str, args: argparse.Namespace, root: Path) -> dict
             out["max_tick_gap_seconds"] = max(s["max_tick_gap_seconds"] for s in status)
             out["max_hook_seconds"] = max(s["max_hook_seconds"] for s in status)
             out["max_hook_wall_seconds"] = max(s["max_hook_wall_seconds"] for s in status)
+            out["snapshots_created"] = [s["snapshots_created"] for s in status]
     return out
 
 
@@ -137,7 +143,11 @@ def print_row(case: str, row: dict[str, dict[str, Any]]) -> None:
     ours, plain = row.get("dsm"), row.get("plain")
     print(f"{case}:")
     for name, r in row.items():
-        parts = [f"{r['writes_per_second']:,.0f} writes/s", f"term {r['term']}"]
+        parts = [
+            f"{r['writes_per_second']:,.0f} writes/s",
+            f"CPU {r['cpu_seconds']:.1f} s (3 nodes)",
+            f"term {r['term']}",
+        ]
         if "snapshot_seconds" in r:
             parts.append(
                 f"snapshot {r['snapshot_seconds']:.2f} s ({r['snapshot_bytes'] / 1e6:.1f} MB)"
@@ -145,6 +155,8 @@ def print_row(case: str, row: dict[str, dict[str, Any]]) -> None:
         if "catch_up_seconds" in r:
             cu = r["catch_up_seconds"]
             parts.append("catch-up did not finish" if cu is None else f"catch-up {cu:.2f} s")
+        if "snapshots_created" in r:
+            parts.append(f"archives {'/'.join(map(str, r['snapshots_created']))}")
         if "max_tick_gap_seconds" in r:
             parts.append(
                 f"tick gap max {r['max_tick_gap_seconds'] * 1000:.0f} ms,"

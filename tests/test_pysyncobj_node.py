@@ -4,6 +4,7 @@ its identity checks, and installing an archive from a local file."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import pytest
 pytest.importorskip("pysyncobj")
 pytest.importorskip("grpc")
 
+from pysyncobj.config import SERIALIZER_STATE  # type: ignore[import-untyped]
+
 from d_engine_sm import (
     SnapshotConfig,
     SqliteStateMachine,
@@ -21,7 +24,7 @@ from d_engine_sm import (
 )
 from d_engine_sm._cli import main
 from d_engine_sm.errors import SnapshotError, StaleSnapshotError
-from d_engine_sm.integrations import _dump
+from d_engine_sm.integrations import _bridge, _dump
 from d_engine_sm.integrations.pysyncobj import ClusterMismatch, RaftNode
 
 
@@ -196,3 +199,51 @@ def test_snapshot_restore_command(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(argv) == 1  # the same archive again: not newer than the state
     assert capsys.readouterr().err.startswith("d-engine-sm: error:")
     assert main([*argv[:2], str(tmp_path / "missing.tar.gz"), *argv[3:]]) == 1
+
+
+# -- compaction requests are coalesced ----------------------------------------------------
+def _compact(comp: _bridge.Compaction, index: int) -> None:
+    last, prev = (b"\x01", index, 1), (b"\x01", index - 1, 1)
+    with pytest.raises(_bridge._Deferred):
+        comp.serializer("unused", (last, prev, []))
+
+
+def _outcome(comp: _bridge.Compaction, seconds: float) -> int:
+    """The job's final state, polled as PySyncObj's tick does."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = comp.checker()
+        if state != SERIALIZER_STATE.SERIALIZING:
+            return int(state)
+        time.sleep(0.01)
+    return int(SERIALIZER_STATE.SERIALIZING)
+
+
+@pytest.mark.timeout(60)
+def test_compaction_right_after_an_archive_is_deferred(
+    box: Box, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_bridge, "ARCHIVE_SPACING", 1e6)  # defer up to ARCHIVE_MAX_DEFER
+    monkeypatch.setattr(_bridge, "ARCHIVE_MAX_DEFER", 50.0)
+    box.handler.apply_chunk(
+        [commands.entry(i, 1, commands.insert(b"k%d" % i, b"v")) for i in (1, 2)]
+    )
+    stats = _bridge.Stats()
+    comp = _bridge.Compaction(box.handler, box.root / "raft.dump", "c1", None, stats)
+    _compact(comp, 2)
+    assert _outcome(comp, 30) == SERIALIZER_STATE.SUCCESS and stats.snapshots_created == 1
+    # The next request waits (the journal is kept meanwhile) and then archives
+    # everything applied by then, past its own point.
+    _compact(comp, 2)
+    box.handler.apply_chunk([commands.entry(3, 1, commands.insert(b"k3", b"v"))])
+    assert _outcome(comp, 0.5) == SERIALIZER_STATE.SERIALIZING and stats.snapshots_created == 1
+    comp.hurry()  # a forced compaction does not wait
+    assert _outcome(comp, 30) == SERIALIZER_STATE.SUCCESS and stats.snapshots_created == 2
+    dump = _dump.read(box.root / "raft.dump")
+    assert (dump.last[1], dump.archive_index) == (2, 3)
+    # Closing during a deferral ends the job at once, as a failure (journal kept).
+    _compact(comp, 3)
+    started = time.monotonic()
+    comp.close(30)
+    assert time.monotonic() - started < 5
+    assert comp.checker() == SERIALIZER_STATE.FAILED and stats.snapshots_created == 2

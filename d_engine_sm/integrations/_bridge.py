@@ -26,6 +26,11 @@ elections, so this module keeps the tick thread's work to bookkeeping:
   library's archive, then durably writes the small dump (``_dump``) that
   PySyncObj stores and sends. Until the job reports SUCCESS PySyncObj keeps
   its journal, so the journal never drops an entry the state machine lacks.
+  Requests that come faster than archives can be made cheaply are
+  coalesced: the job waits ``ARCHIVE_SPACING`` times the last create's
+  duration, then archives everything applied by then (past the requested
+  point), so compaction every few thousand entries does not mean an archive
+  every few thousand entries. ``hurry`` (a forced compaction) skips the wait.
 
 Thread ownership: ``_forwarded`` belongs to the tick thread; the tick thread
 only adds recorded commands and a feeder thread takes them (building entries
@@ -64,6 +69,11 @@ MAX_FORWARD_PER_TICK: Final = 4_000
 MAX_QUEUED: Final = 200_000
 SNAPSHOT_WAIT: Final = 600.0  # seconds a compaction waits for applies to reach its point
 FAILED_BACKOFF: Final = 1.0
+# After an archive that took T seconds, the next one starts no sooner than
+# ARCHIVE_SPACING * T later (at most ARCHIVE_MAX_DEFER): archive work stays a
+# fraction of the node's CPU however small logCompactionMinEntries is.
+ARCHIVE_SPACING: Final = 3.0
+ARCHIVE_MAX_DEFER: Final = 30.0
 FETCH_TIMEOUT: Final = 3600.0  # whole transfer; chunk_timeout bounds a stuck peer
 BARRIER: Final = None  # the replicated argument of a barrier (becomes a no-op entry)
 
@@ -288,6 +298,8 @@ class Compaction:
         self._state = SERIALIZER_STATE.NOT_SERIALIZING
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._wake = threading.Event()  # cuts a deferral short (hurry or close)
+        self._next_at = 0.0  # monotonic time before which no archive starts
         self.loaded: _dump.Dump | None = None  # the dump PySyncObj loaded last
 
     # -- PySyncObj's hooks (tick thread) ------------------------------------
@@ -341,10 +353,21 @@ class Compaction:
         finally:
             self._stats.hook(started)
 
+    def hurry(self) -> None:
+        """The next (or a deferred) archive starts at once (any thread)."""
+        self._next_at = 0.0
+        self._wake.set()
+
     # -- the background job ----------------------------------------------------
     def _job(self, last: _dump.LogEntry, prev: _dump.LogEntry, members: Sequence[str]) -> None:
         outcome = SERIALIZER_STATE.FAILED
         try:
+            delay = self._next_at - time.monotonic()
+            if delay > 0 and self._wake.wait(delay):
+                _log.debug("compaction deferral cut short")
+            self._wake.clear()
+            if self._closed.is_set():
+                raise _Closing("node is closing")
             self._handler.wait_applied(last[1], SNAPSHOT_WAIT)
             started = time.perf_counter()
             meta, path = self._handler.create_snapshot()
@@ -361,10 +384,12 @@ class Compaction:
             )
             _dump.write_durably(self._dump_path, dump)
             self._stats.snapshots_created += 1
-            self._stats.snapshot_create_seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self._stats.snapshot_create_seconds = seconds
+            self._next_at = time.monotonic() + min(ARCHIVE_MAX_DEFER, ARCHIVE_SPACING * seconds)
             _log.info("compacted upto=%d archive=%s", last[1], path.name)
             outcome = SERIALIZER_STATE.SUCCESS
-        except DEngineError as exc:
+        except (DEngineError, _Closing) as exc:
             _log.warning("compaction at index=%d failed: %s", last[1], exc)
         except Exception:
             _log.exception("compaction at index=%d failed", last[1])
@@ -375,9 +400,14 @@ class Compaction:
 
     def close(self, timeout: float) -> None:
         self._closed.set()
+        self._wake.set()
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+
+class _Closing(Exception):
+    """A deferred compaction gave up because the node is closing."""
 
 
 class _Deferred(Exception):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -127,6 +128,25 @@ class Node:
                 "last_applied": st["last_applied"],
             }
         return self.node.status()
+
+    def op_cpu(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """CPU seconds of this process and of each of its threads, by thread name."""
+        tick = os.sysconf("SC_CLK_TCK")
+        threads: dict[str, float] = {}
+        for t in threading.enumerate():
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # not Linux, or the thread just ended
+                continue
+            name = re.sub(r"_\d+$", "", t.name)  # pools number their threads
+            threads[name] = threads.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        times = os.times()
+        return {
+            "process": times.user + times.system,
+            "children": times.children_user + times.children_system,  # plain's dump forks
+            "threads": threads,
+        }
 
     def op_put(self, req: dict[str, Any]) -> dict[str, Any]:
         from d_engine_sm import commands

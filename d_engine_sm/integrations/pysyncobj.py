@@ -375,6 +375,7 @@ class RaftNode:
     def force_compaction(self) -> None:
         """Ask PySyncObj to compact its log now (an archive is created in the background)."""
         assert self._engine is not None
+        self._compaction.hurry()
         self._engine.forceLogCompaction()
 
     def close(self) -> None:
