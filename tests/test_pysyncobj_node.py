@@ -247,3 +247,46 @@ def test_compaction_right_after_an_archive_is_deferred(
     comp.close(30)
     assert time.monotonic() - started < 5
     assert comp.checker() == SERIALIZER_STATE.FAILED and stats.snapshots_created == 2
+
+
+@pytest.mark.timeout(60)
+def test_deferred_compaction_trims_the_journal_to_its_archive(
+    box: Box, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_bridge, "ARCHIVE_SPACING", 1e6)
+    monkeypatch.setattr(_bridge, "ARCHIVE_MAX_DEFER", 50.0)
+    addr = free_addr()
+    opts: dict[str, Any] = {"logCompactionMinEntries": 20, "appendEntriesUseBatch": False}
+    with RaftNode(addr, [], box.handler, box.root, **opts) as node:
+        for i in range(30):
+            assert node.propose(commands.insert(b"a%d" % i, b"v"), timeout=10).succeeded
+        deadline = time.monotonic() + 30
+        while node.status()["snapshots_created"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The next request (past 20 more entries) is deferred; entries keep coming.
+        for i in range(60):
+            assert node.propose(commands.insert(b"b%d" % i, b"v"), timeout=10).succeeded
+        assert node.status()["snapshots_created"] == 1
+        node.force_compaction()  # cuts the deferral short
+        while node.status()["snapshots_created"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dump = _dump.read(box.root / "raft.dump")
+        # The dump names the archive's own point, not the older request's, and
+        # PySyncObj's journal starts there: nothing left to rewrite.
+        assert dump.last[1] == dump.archive_index >= 80
+        assert dump.last[2] == dump.archive_term
+        log = node._engine._SyncObj__raftLog  # type: ignore[union-attr]
+        while log[0][1] != dump.prev[1] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (log[0], log[1]) == (dump.prev, dump.last)
+        assert node.propose(commands.insert(b"after", b"v"), timeout=10).succeeded
+    box.close()
+    again = Box(box.root)  # a restart loads the advanced dump and replays the journal
+    try:
+        with RaftNode(addr, [], again.handler, again.root) as node:
+            assert node.propose(commands.insert(b"again", b"v"), timeout=10).succeeded
+            assert node.status()["failed"] is None
+            assert len(again.sm) == 92
+    finally:
+        again.close()
+        box.sm, box.handler = again.sm, again.handler

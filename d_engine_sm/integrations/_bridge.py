@@ -288,8 +288,11 @@ class Compaction:
         cluster_id: str,
         source: str | None,
         stats: Stats,
+        *,
+        engine: Callable[[], Any] = lambda: None,
     ) -> None:
         self._handler = handler
+        self._engine = engine
         self._dump_path = dump_path
         self._cluster_id = cluster_id
         self.source = source
@@ -372,6 +375,7 @@ class Compaction:
             started = time.perf_counter()
             meta, path = self._handler.create_snapshot()
             lid = meta.last_included
+            last, prev = self._advance(last, prev, lid.index)
             dump = _dump.Dump(
                 cluster_id=self._cluster_id,
                 last=last,
@@ -396,7 +400,37 @@ class Compaction:
         if outcome == SERIALIZER_STATE.FAILED:
             self._closed.wait(FAILED_BACKOFF)  # PySyncObj retries at once otherwise
         with self._lock:
+            if outcome == SERIALIZER_STATE.SUCCESS:
+                # PySyncObj trims its journal up to this index once it sees SUCCESS.
+                self._set_point(prev[1])
             self._state = outcome
+
+    def _advance(
+        self, last: _dump.LogEntry, prev: _dump.LogEntry, index: int
+    ) -> tuple[_dump.LogEntry, _dump.LogEntry]:
+        """The compaction point moved up to the archive's ``index`` when the journal holds it.
+
+        PySyncObj rewrites the entries it keeps after a compaction on its tick
+        thread; after a deferral those would be every entry since the request.
+        Entries up to ``raftLastApplied`` are committed, and PySyncObj trims
+        nothing while this job runs, so reading them here is safe.
+        """
+        engine = self._engine()
+        if engine is None or index <= last[1] or index > engine.raftLastApplied:
+            return last, prev
+        log = engine._SyncObj__raftLog
+        pos = index - log[0][1]
+        if pos < 1 or pos >= len(log):
+            return last, prev
+        new_prev, new_last = tuple(log[pos - 1]), tuple(log[pos])
+        if new_last[1] != index or new_prev[1] != index - 1:
+            return last, prev
+        return new_last, new_prev
+
+    def _set_point(self, index: int) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine._SyncObj__serializer._Serializer__currentID = index
 
     def close(self, timeout: float) -> None:
         self._closed.set()

@@ -183,7 +183,12 @@ class RaftNode:
 
             self._server, _port = start_server(handler, snapshot_addr)
         self._compaction = _bridge.Compaction(
-            handler, self._data_dir / DUMP_FILE, self._cluster_id, snapshot_addr, self._stats
+            handler,
+            self._data_dir / DUMP_FILE,
+            self._cluster_id,
+            snapshot_addr,
+            self._stats,
+            engine=lambda: self._engine,
         )
         self._catch_up = _bridge.CatchUp(
             handler, lambda: self._forwarder.forwarded, self._sources, self._caught_up, self._stats
