@@ -275,7 +275,8 @@ def test_deferred_compaction_trims_the_journal_to_its_archive(
         # PySyncObj's journal starts there: nothing left to rewrite.
         assert dump.last[1] == dump.archive_index >= 80
         assert dump.last[2] == dump.archive_term
-        log = node._engine._SyncObj__raftLog  # type: ignore[union-attr]
+        engine: Any = node._engine
+        log = engine._SyncObj__raftLog
         while log[0][1] != dump.prev[1] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert (log[0], log[1]) == (dump.prev, dump.last)
