@@ -7,6 +7,7 @@ under kill/restart) run only with ``D_ENGINE_SM_CLUSTER_HEAVY=1``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import random
@@ -163,7 +164,7 @@ class _History:
     def run(self, fut: Future[dict[str, Any]], kind: str, key: str, arg: Any, call: float) -> None:
         try:
             out = fut.result(30)
-        except (NodeDied, TimeoutError):
+        except (NodeDied, TimeoutError, concurrent.futures.TimeoutError):  # distinct before 3.11
             out = {"ok": False, "maybe_applied": True}
         ret = time.monotonic()
         if out["ok"]:

@@ -7,6 +7,7 @@ goes away; :meth:`Cluster.close` kills whatever is still running.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -67,7 +68,7 @@ class NodeProc:
             )
         ready: Future[dict[str, Any]] = Future()
         threading.Thread(target=self._read, args=(self.proc, ready), daemon=True).start()
-        ready.result(READY_TIMEOUT)
+        _result(ready, READY_TIMEOUT)
 
     def _read(self, proc: subprocess.Popen[str], ready: Future[dict[str, Any]]) -> None:
         assert proc.stdout is not None
@@ -109,7 +110,7 @@ class NodeProc:
 
     def call(self, op: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
         """Run ``op`` (the node gets ``timeout`` too); RuntimeError with its message on failure."""
-        out = self.request(op, timeout=timeout, **kw).result(timeout + 10.0)
+        out = _result(self.request(op, timeout=timeout, **kw), timeout + 10.0)
         if not out["ok"]:
             raise RuntimeError(out["error"])
         return out
@@ -224,3 +225,15 @@ class Cluster:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _result(fut: Future[dict[str, Any]], timeout: float) -> dict[str, Any]:
+    """``fut.result(timeout)``, raising the builtin ``TimeoutError`` on every Python.
+
+    Before 3.11 ``concurrent.futures.TimeoutError`` is a class of its own, which
+    ``except TimeoutError`` does not catch.
+    """
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError as exc:
+        raise TimeoutError(f"no answer from the node within {timeout:g} s") from exc
