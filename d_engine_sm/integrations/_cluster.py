@@ -19,8 +19,9 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
+
+from d_engine_sm._closing import Closing
 
 READY_TIMEOUT: Final = 30.0
 
@@ -140,7 +141,7 @@ class NodeProc:
             self.kill()
 
 
-class Cluster:
+class Cluster(Closing):
     """``n`` nodes (``mode`` "dsm" or "plain") in ``root``; a context manager."""
 
     def __init__(
@@ -214,17 +215,6 @@ class Cluster:
             t.join()
         for n in self.nodes:
             n.kill()
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _result(fut: Future[dict[str, Any]], timeout: float) -> dict[str, Any]:

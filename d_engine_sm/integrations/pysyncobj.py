@@ -30,11 +30,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # type: ignore[import-untyped]
 
+from d_engine_sm._closing import Closing
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._values import ApplyResult
 from d_engine_sm._worker import ApplyCompleted, ApplyWorker, FatalError, WorkerEvent
@@ -101,7 +101,7 @@ class _Engine(SyncObj):  # type: ignore[misc]
         return self._bridge.on_regular(command)
 
 
-class RaftNode:
+class RaftNode(Closing):
     """A PySyncObj node whose state machine is a d_engine_sm handler.
 
     Args:
@@ -405,17 +405,6 @@ class RaftNode:
         if self._server is not None:
             self._server.stop(grace=1.0).wait(CLOSE_TIMEOUT)
             self._server = None
-
-    def __enter__(self) -> RaftNode:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _default_cluster_id(members: Iterable[str]) -> str:
