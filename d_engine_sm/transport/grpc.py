@@ -41,15 +41,24 @@ empty chunk 0). The receiver answers it with status OK and
 lacks of that snapshot (0 = all). If K > 0 the push is the header followed
 by chunks K… ; else the plain chunk stream from 0, as d-engine sends it. A
 peer that answers the probe otherwise gets the whole snapshot.
+
+The server also answers gRPC's standard health-checking service
+(``grpc.health.v1.Health``, ``Check`` and ``Watch``) so orchestrators can
+probe a node: the overall status (service ``""``) and :data:`SERVICE_NAME`
+are SERVING from start; the returned server's ``stop()`` sets every status
+to NOT_SERVING *before* its grace period, so a prober sees the node leave
+while calls in flight finish.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent import futures
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from d_engine_sm.proto import storage_pb2, storage_pb2_grpc
 from d_engine_sm.transport import _grpc_client
@@ -69,6 +78,8 @@ from d_engine_sm.transport._grpc_server import (
 )
 
 if TYPE_CHECKING:
+    import threading
+
     from d_engine_sm._handler import StateMachineHandler
 
 _log = logging.getLogger("d_engine_sm.transport")
@@ -85,6 +96,45 @@ STREAM_SNAPSHOT_METHOD: Final = f"/{SERVICE_NAME}/StreamSnapshot"
 
 
 # -- server -------------------------------------------------------------------------
+ServerInterceptors = Sequence["grpc.ServerInterceptor[Any, Any]"]
+
+
+class _HealthReportingServer(grpc.Server):
+    """A started ``grpc.Server`` that reports NOT_SERVING before it stops.
+
+    Delegates everything to the wrapped server; ``stop(grace)`` first sets
+    every health status to NOT_SERVING (and keeps it so), then stops.
+    ``health`` is the health servicer, for callers that report more
+    (e.g. NOT_SERVING while the handler is being closed).
+    """
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer) -> None:
+        self._server = server
+        self.health = health_servicer
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        self.health.enter_graceful_shutdown()
+        return self._server.stop(grace)
+
+    def start(self) -> None:
+        self._server.start()
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        self._server.add_registered_method_handlers(service_name, method_handlers)  # type: ignore[attr-defined]
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+
 def start_server(
     handler: StateMachineHandler,
     listen: str,
@@ -94,6 +144,7 @@ def start_server(
     max_workers: int = 8,
     window: int = DEFAULT_WINDOW,
     max_message_bytes: int | None = None,
+    interceptors: ServerInterceptors = (),
 ) -> tuple[grpc.Server, int]:
     """Like :func:`serve`, also returning the bound port (useful with ``:0``).
 
@@ -103,12 +154,17 @@ def start_server(
     limit = max_message_bytes or message_limit(handler.config.chunk_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="d-engine-sm-grpc"),
+        interceptors=list(interceptors),
         # SO_REUSEPORT (gRPC's default) would let a second server bind a busy
         # port silently; a taken port must be an error.
         options=[*options(limit), ("grpc.so_reuseport", 0)],
     )
     servicer = SnapshotServicer(handler, current_term=current_term, window=window)
     storage_pb2_grpc.add_SnapshotServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    # Non-blocking Watch (the default): a watcher holds no worker thread.
+    health_servicer = health.HealthServicer()
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)
@@ -122,7 +178,7 @@ def start_server(
     _log.info(
         "serving node=%d listen=%s port=%d tls=%s", handler.node_id, listen, port, bool(credentials)
     )
-    return server, port
+    return _HealthReportingServer(server, health_servicer), port
 
 
 def serve(
@@ -134,11 +190,16 @@ def serve(
     max_workers: int = 8,
     window: int = DEFAULT_WINDOW,
     max_message_bytes: int | None = None,
+    interceptors: ServerInterceptors = (),
 ) -> grpc.Server:
     """Start a gRPC server exposing ``handler`` as d-engine's ``SnapshotService``.
 
     Non-blocking: returns the started server; the caller stops it
-    (``server.stop(grace)``) and closes the handler afterwards.
+    (``server.stop(grace)``) and closes the handler afterwards. The server
+    also answers gRPC health checks (``grpc.health.v1.Health``): the overall
+    status and :data:`SERVICE_NAME` are SERVING until ``stop`` is called,
+    which sets them NOT_SERVING before the grace period starts. Its
+    ``health`` attribute is the ``grpc_health`` servicer, to report more.
 
     Args:
         handler: the node's handler.
@@ -148,6 +209,8 @@ def serve(
         max_workers: concurrent calls served.
         window: StreamSnapshot chunks in flight.
         max_message_bytes: gRPC message limit; default from ``chunk_size``.
+        interceptors: ``grpc.ServerInterceptor`` s run around every call
+            (snapshot and health), in order: authentication, logging, metrics.
 
     Returns:
         The started ``grpc.Server``.
@@ -163,6 +226,7 @@ def serve(
         max_workers=max_workers,
         window=window,
         max_message_bytes=max_message_bytes,
+        interceptors=interceptors,
     )[0]
 
 
