@@ -50,6 +50,18 @@ def register(subparsers: Subparsers) -> None:
         "--state", type=state_spec, default=StateSpec("memory"), metavar="sqlite:PATH|memory"
     )
     serve.add_argument("--node-id", type=non_negative_int, default=0, metavar="N")
+    serve.add_argument(
+        "--resume-ttl",
+        type=non_negative_seconds,
+        metavar="SECONDS",
+        help="keep an interrupted receive resumable this long (0: never; default 3600)",
+    )
+    serve.add_argument(
+        "--transfer-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="abort a receive that takes longer than this in all (default 3600)",
+    )
     serve.set_defaults(func=_cmd_serve, handles_interrupts=True)
 
     send = add_command(subparsers, "send", help="push this directory's newest snapshot to a peer")
@@ -57,7 +69,24 @@ def register(subparsers: Subparsers) -> None:
     send.add_argument("--to", type=host_port, required=True, metavar="HOST:PORT")
     send.add_argument("--term", type=non_negative_int, help="leader term (default: the snapshot's)")
     send.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS")
+    send.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="send the whole snapshot, without asking the peer what it already holds",
+    )
     send.set_defaults(func=_cmd_send, handles_interrupts=True)
+
+
+def non_negative_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _grpc_transport() -> Any:
@@ -78,7 +107,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     spec: StateSpec = args.state
     sm = make_state_machine(spec)
     try:
-        config = SnapshotConfig(snapshots_dir=directory)
+        limits = {"resume_ttl": args.resume_ttl, "transfer_timeout": args.transfer_timeout}
+        config = SnapshotConfig(
+            snapshots_dir=directory, **{k: v for k, v in limits.items() if v is not None}
+        )
         # SIGTERM stops cleanly (exit 0), Ctrl-C too but ends "interrupted" (130);
         # neither interrupts the server's stop or the handler's close half-way.
         with (
@@ -147,7 +179,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         with INTERRUPTS.interruptible():  # the call is cancelled; the peer installs nothing
             response = transport.send_snapshot(
-                args.to, h, meta, leader_term=term, timeout=args.timeout
+                args.to, h, meta, leader_term=term, timeout=args.timeout, resume=args.resume
             )
         seconds = time.perf_counter() - started
         size = (directory / archive_name(h.config.snapshots_dir_prefix, lid.index, lid.term)).stat()
