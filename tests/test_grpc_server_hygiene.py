@@ -215,3 +215,23 @@ def test_health_watch_sees_not_serving_as_soon_as_stop_begins(
             stopped = server.stop(None)
     assert stopped.wait(WAIT)  # the watcher gone, the server stops at once
     assert not reader.is_alive()
+
+
+def test_the_returned_server_is_a_grpc_server_doing_what_the_real_one_does(
+    follower: StateMachineHandler,
+) -> None:
+    server, port = transport.start_server(follower, "127.0.0.1:0")
+    assert isinstance(server, grpc.Server)
+    try:
+        echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request[::-1])
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("t.Echo", {"Ping": echo}),)
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert channel.unary_unary("/t.Echo/Ping", None, None)(b"abc", timeout=WAIT) == b"cba"
+        assert server.wait_for_termination(0.01)  # True: timed out, still running
+        with pytest.raises(ValueError, match="already-started"):
+            server.start()
+    finally:
+        server.stop(None).wait(WAIT)
+    assert not server.wait_for_termination(WAIT)  # stopped: returns at once
