@@ -61,10 +61,12 @@ class Counting(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self.log = log
         self._lock = threading.Lock()
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
         with self._lock:
-            self.log.append((self.name, details.method))
-        return continuation(details)
+            self.log.append((self.name, handler_call_details.method))
+        return continuation(handler_call_details)
 
 
 class RequireToken(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -73,10 +75,15 @@ class RequireToken(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, token: str) -> None:
         self.token = token
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        metadata = dict(details.invocation_metadata or ())
-        if details.method.startswith("/grpc.health.") or metadata.get(TOKEN_KEY) == self.token:
-            return continuation(details)
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], handler_call_details: Any
+    ) -> Any:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if (
+            handler_call_details.method.startswith("/grpc.health.")
+            or metadata.get(TOKEN_KEY) == self.token
+        ):
+            return continuation(handler_call_details)
 
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
