@@ -209,8 +209,9 @@ def serve(
         max_workers: concurrent calls served.
         window: StreamSnapshot chunks in flight.
         max_message_bytes: gRPC message limit; default from ``chunk_size``.
-        interceptors: ``grpc.ServerInterceptor`` s run around every call
-            (snapshot and health), in order: authentication, logging, metrics.
+        interceptors: server interceptors (``grpc.ServerInterceptor``), run
+            around every call (snapshot and health) in the order given: for
+            authentication, logging, metrics.
 
     Returns:
         The started ``grpc.Server``.
