@@ -62,6 +62,12 @@ def register(subparsers: Subparsers) -> None:
         metavar="SECONDS",
         help="abort a receive that takes longer than this in all (default 3600)",
     )
+    serve.add_argument(
+        "--metrics",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the prometheus extra)",
+    )
     serve.set_defaults(func=_cmd_serve, handles_interrupts=True)
 
     send = add_command(subparsers, "send", help="push this directory's newest snapshot to a peer")
@@ -87,6 +93,9 @@ def non_negative_seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+PROMETHEUS_HINT: Final = "pip install 'd-engine-sm[prometheus]'"
 
 
 def _grpc_transport() -> Any:
@@ -117,15 +126,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             _stop_on_sigterm() as stop,
             INTERRUPTS.cancelling(stop.request),
             StateMachineHandler(sm, config, node_id=args.node_id) as handler,
+            contextlib.ExitStack() as stack,
         ):
             server, port = transport.start_server(handler, args.listen)
             try:
+                metrics = stack.enter_context(_metrics_server(args.metrics, handler))
                 host = args.listen.rpartition(":")[0]
                 out(f"serving node {args.node_id} on {host}:{port} (snapshots in {directory})")
+                if metrics is not None:
+                    out(f"metrics at http://{metrics.host}:{metrics.port}/metrics")
                 # Short sleeps: the handlers only set a flag (see _StopRequest).
                 while not stop.requested:
                     time.sleep(STOP_POLL)
             finally:
+                stack.close()  # the metrics endpoint first: it reads the handler
                 server.stop(grace=2.0).wait(5.0)
             # A receive still running is aborted or waited for by close() (on leaving
             # the with): the state machine is closed only after that.
@@ -133,6 +147,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         close_state_machine(sm)
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_server(address: str | None, handler: StateMachineHandler) -> Iterator[Any]:
+    """The Prometheus endpoint for ``handler`` while the block runs (None without --metrics)."""
+    if address is None:
+        yield None
+        return
+    try:
+        from d_engine_sm.prometheus import start_metrics_server
+    except ImportError as exc:
+        raise _Failure(f"--metrics needs the prometheus extra: {PROMETHEUS_HINT}") from exc
+    try:
+        server = start_metrics_server(address, handler)
+    except OSError as exc:
+        raise _Failure(f"cannot serve metrics on {address}: {exc.strerror or exc}") from exc
+    with server:
+        yield server
 
 
 class _StopRequest:
