@@ -33,7 +33,9 @@ class Child:
     """A child process whose stdout lines arrive on a queue (read by a thread)."""
 
     def __init__(self, argv: list[str], cwd: Path, scratch: Path) -> None:
+        # PYTHONFAULTHANDLER: a child that hangs is sent SIGABRT and says where (see finish).
         env = {**os.environ, "TMPDIR": str(scratch), "PYTHONWARNINGS": "ignore"}
+        env["PYTHONFAULTHANDLER"] = "1"
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -71,8 +73,13 @@ class Child:
         self.proc.stdin.flush()
 
     def finish(self) -> tuple[int, str]:
-        rc = self.proc.wait(timeout=WAIT)
         assert self.proc.stderr is not None
+        try:
+            rc = self.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
+            self.proc.wait(WAIT)
+            pytest.fail(f"hung after {self.seen}:\n{self.proc.stderr.read()}")
         err = self.proc.stderr.read()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:

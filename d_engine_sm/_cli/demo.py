@@ -50,6 +50,7 @@ from d_engine_sm.proto import common_pb2, storage_pb2
 
 DEFAULT_ENTRIES: Final = 200_000
 _READ_BATCH: Final = 4096  # keys per read_from_state_machine call in the compare step
+_POLL: Final = 0.2  # seconds: at most this late, the apply step notices Ctrl-C
 
 
 def register(subparsers: Subparsers) -> None:
@@ -107,6 +108,16 @@ class _Stoppable(Iterator[storage_pb2.SnapshotChunk]):
         close = getattr(self.chunks, "close", None)
         if close is not None:
             close()
+
+
+class _Stop:
+    """Set from the SIGINT handler, so a plain attribute (see :class:`_Stoppable`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
 
 
 class _ApplyEvents:
@@ -229,12 +240,18 @@ class _Demo:
         )
         events = _ApplyEvents(bar.update)
         worker = ApplyWorker(leader, events, max_queued_entries=max(100_000, 4 * self.batch))
+        stop = _Stop()
         started = time.perf_counter()
         worker.start()
         try:
-            with INTERRUPTS.interruptible():
-                self._submit_all(worker, batches, events)
-                worker.shutdown(drain=True)  # also waits for a policy snapshot in flight
+            # Ctrl-C sets a flag, never raises here: a KeyboardInterrupt raised inside
+            # the worker's locking code (submit, shutdown) can leave its lock held, and
+            # the shutdown below would then wait forever. KeyboardInterrupt follows the block.
+            with INTERRUPTS.cancelling(stop.request):
+                self._submit_all(worker, batches, events, stop)
+                # Drains; also waits for a policy snapshot in flight.
+                while not stop.requested and not worker.shutdown(drain=True, timeout=_POLL):
+                    pass
         finally:
             # After Ctrl-C or an error: stop after the batch in flight, and wait for a
             # policy snapshot, before anything is closed (a no-op after the drain).
@@ -243,11 +260,15 @@ class _Demo:
         return self._report_apply(leader, events, max(events.last_done - started, 1e-9), threshold)
 
     def _submit_all(
-        self, worker: ApplyWorker, batches: list[list[common_pb2.Entry]], events: _ApplyEvents
+        self,
+        worker: ApplyWorker,
+        batches: list[list[common_pb2.Entry]],
+        events: _ApplyEvents,
+        stop: _Stop,
     ) -> None:
         try:
             for entries in batches:
-                if events.fatal:
+                if events.fatal or stop.requested:
                     break
                 last = entries[-1].index
                 worker.submit(entries, NewCommitData(last, common_pb2.NODE_ROLE_LEADER, 1))
