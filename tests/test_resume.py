@@ -183,15 +183,18 @@ from d_engine_sm._memory import MemoryStateMachine
 from d_engine_sm.proto import common_pb2, storage_pb2
 from d_engine_sm.transport import grpc as transport
 
-def slow(chunk):
-    time.sleep(0.03)  # so the parent can kill it about half way
+def held(chunk):
+    # Never past chunk argv[5]: the parent kills the process about half way, however
+    # late it sees the ack it waits for (a paced sender could finish first).
+    if chunk.seq >= int(sys.argv[5]):
+        time.sleep(600)
     return chunk
 
 config = grpc_node.config(sys.argv[2], int(sys.argv[4]))
 h = StateMachineHandler(MemoryStateMachine(), config, node_id=1)
 print("SENDING", flush=True)
 transport.send_snapshot(
-    sys.argv[1], h, leader_term=2, timeout=120, interceptors=[RequestEditor(slow)]
+    sys.argv[1], h, leader_term=2, timeout=120, interceptors=[RequestEditor(held)]
 )
 print("SENT", flush=True)
 """
@@ -212,6 +215,7 @@ def test_push_resumes_after_the_sender_is_killed(
             str(leader.config.snapshots_dir),
             str(Path(__file__).parent),
             str(CHUNK),
+            str(total // 2 + 2),
         ],
         stdout=subprocess.PIPE,
         text=True,
