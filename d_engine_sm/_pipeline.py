@@ -64,7 +64,11 @@ class Pipeline:
         self.max_batch = max_batch_entries
         self.max_queued = max_queued_entries
         self.snapshot_workers = snapshot_workers
-        self.cond = threading.Condition(threading.Lock())
+        # Callers' threads enter ``lock`` itself, not ``cond``: Condition.__enter__ is a
+        # Python frame, and a KeyboardInterrupt raised there just after the acquire
+        # (Ctrl-C on the main thread) would leave the lock held with no owner.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.queue: deque[Batch] = deque()
         self.queued = 0
         self.in_flight = False
@@ -98,7 +102,7 @@ class Pipeline:
         entries = batch.entries
         first, n = entries[0].index, len(entries)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
+        with self.lock:
             self._check_accepting()
             self.check_order(first)  # fail fast, before waiting for room
 
@@ -293,7 +297,8 @@ class Pipeline:
     def after_fork_in_child(self) -> None:
         """Stopped, with a fresh lock: the apply and snapshot threads (and any
         lock they held) exist only in the parent."""
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.state = FORKED
         self.queue.clear()
         self.queued = 0

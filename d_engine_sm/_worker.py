@@ -151,7 +151,7 @@ class ApplyWorker:
             WorkerStopped: the worker was already shut down.
         """
         p = self._p
-        with p.cond:
+        with p.lock:  # not p.cond: see Pipeline.lock
             if p.state != NEW:
                 if p.state == RUNNING:
                     return
@@ -239,7 +239,7 @@ class ApplyWorker:
     def _shutdown(self, drain: bool, timeout: float | None) -> bool:
         p = self._p
         deadline = None if timeout is None else time.monotonic() + timeout
-        with p.cond:
+        with p.lock:  # not p.cond: see Pipeline.lock
             if p.state == NEW:
                 if drain and p.queue:
                     self._start_thread_locked()  # apply what was submitted before start()
@@ -256,7 +256,7 @@ class ApplyWorker:
         here = threading.get_ident()
         if thread is not None and thread.ident == here:
             return False  # called from on_event: the thread exits after this batch
-        with p.cond:
+        with p.lock:  # not p.cond: see Pipeline.lock
             # Not Thread.join: on CPython 3.11 a KeyboardInterrupt inside join()
             # can mark a still-running thread stopped, and a second join returns
             # at once. A condition wait survives the interrupt intact.
