@@ -654,9 +654,12 @@ def test_a_misbehaving_pusher_cannot_hold_the_receive_open(
 ) -> None:
     leader = local_handler(tmp_path / "leader", seed_keys=60)
     config = grpc_node.config(tmp_path / "follower", CHUNK)
+    # Only the limit under test is tight: a loaded machine that delays the pusher's
+    # 0.4 s steps by 0.6 s must not end the "overall" case as idle instead.
+    idle, overall = (30.0, 2.0) if misbehaviour == "overall" else (1.0, 30.0)
     follower = StateMachineHandler(
         grpc_node.make_state("memory", tmp_path),
-        dataclasses.replace(config, transfer_idle_timeout=1.0, transfer_timeout=2.0),
+        dataclasses.replace(config, transfer_idle_timeout=idle, transfer_timeout=overall),
         node_id=2,
     )
     server, port = transport.start_server(follower, "127.0.0.1:0")
