@@ -747,3 +747,30 @@ def test_interrupt_inside_a_draining_shutdown_stops_now_and_waits(
     assert sm.calls == [list(range(1, 11))]
     assert w.handler.last_applied() == 10
     assert w.shutdown(timeout=WAIT)
+
+
+def test_an_interrupt_just_after_the_lock_is_taken_leaves_it_free(
+    config: SnapshotConfig, events: queue.Queue[WorkerEvent]
+) -> None:
+    """Ctrl-C's KeyboardInterrupt can land on the main thread between any two
+    bytecodes; inside ``Condition.__enter__`` (a Python frame) that is after the
+    lock is taken but before a ``with`` block owns it, and the lock stays held.
+    The calls a caller's thread makes must not enter the lock that way."""
+    w = ApplyWorker(make(config, MemoryStateMachine()), events)
+    w.start()
+
+    class InterruptedOnEnter(threading.Condition):
+        def __enter__(self) -> bool:
+            entered = super().__enter__()
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt  # as if SIGINT's handler ran just here
+            return entered
+
+    w._p.cond.__class__ = InterruptedOnEnter
+    try:
+        w.submit(puts(1, 5))
+        w.submit(puts(6, 5))
+        assert w.shutdown(drain=True, timeout=WAIT)
+    except KeyboardInterrupt:  # not raised out of the test: pytest would stop the run
+        pytest.fail("interrupted inside Condition.__enter__: the worker's lock is left held")
+    assert w.handler.last_applied() == 10
