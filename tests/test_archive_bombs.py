@@ -35,6 +35,9 @@ RSS_BUDGET = 64 * MiB
 FOLLOWING = 128 * MiB  # zeros after the bomb header: what an uncapped reader would hold
 LIBRARY_ERRORS = {"UnsafeArchiveError", "CorruptSnapshotError"}
 RECEIVE_ERRORS = LIBRARY_ERRORS | {"SnapshotTransferError", "SnapshotError"}
+# The module's ``bombs`` fixture compresses ~1 GiB of filler inside whichever test
+# first asks for it; on a loaded machine that alone overran the global 60 s.
+pytestmark = pytest.mark.timeout(300)
 
 
 # -- hostile archive builders -------------------------------------------------------
