@@ -36,6 +36,7 @@ NODE = Path(__file__).with_name("grpc_node.py")
 PROTO_DIR = Path(transport.__file__).resolve().parent.parent / "proto"
 CHUNK = 16 * 1024
 WAIT = 20.0  # upper bound for any single awaited event
+STARTUP = 90.0  # upper bound for a node to seed its state and listen
 
 
 class Node:
@@ -52,7 +53,9 @@ class Node:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.wait_line(lambda s: s.startswith("PORT ")).split()[1])
+        # Seeding (64 MiB in test_resume) and the first snapshot come before PORT.
+        port = self.wait_line(lambda s: s.startswith("PORT "), timeout=STARTUP)
+        self.port = int(port.split()[1])
         self.target = f"127.0.0.1:{self.port}"
 
     def _read(self) -> None:
@@ -65,12 +68,12 @@ class Node:
             self.lines.append("EOF")
             self._cond.notify_all()
 
-    def wait_line(self, pred: Callable[[str], bool], start: int = 0) -> str:
+    def wait_line(self, pred: Callable[[str], bool], start: int = 0, timeout: float = WAIT) -> str:
         def found() -> str | None:
             return next((s for s in self.lines[start:] if pred(s) or s == "EOF"), None)
 
         with self._cond:
-            assert self._cond.wait_for(lambda: found() is not None, WAIT), self.lines[-20:]
+            assert self._cond.wait_for(lambda: found() is not None, timeout), self.lines[-20:]
             line = found()
         assert line is not None and line != "EOF", f"node exited; output: {self.lines[-20:]}"
         return line
