@@ -16,8 +16,13 @@ MODULES = sorted(
     if ".proto." not in info.name and not info.name.endswith(("__main__", ".transport.grpc"))
 )
 
-# Modules of an optional extra: their examples run where the extra is installed.
-EXTRAS = {"d_engine_sm.prometheus": "prometheus_client"}
+# Modules (by name prefix) of an optional extra: their examples run where the
+# extra is installed (the minimal env has none).
+EXTRAS = {
+    "d_engine_sm.prometheus": "prometheus_client",
+    "d_engine_sm.integrations.": "pysyncobj",
+    "d_engine_sm.transport.": "grpc",
+}
 
 
 def test_modules_found() -> None:
@@ -26,10 +31,9 @@ def test_modules_found() -> None:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    if name.startswith("d_engine_sm.integrations."):
-        pytest.importorskip("pysyncobj")  # the optional extra (absent in the minimal env)
-    if name in EXTRAS:
-        pytest.importorskip(EXTRAS[name])
+    for prefix, extra in EXTRAS.items():
+        if name.startswith(prefix):
+            pytest.importorskip(extra)
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
