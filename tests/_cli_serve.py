@@ -25,6 +25,23 @@ def cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def cli_without(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI run as if ``module`` were not installed (a None entry in sys.modules)."""
+    script = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from d_engine_sm._cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [PY, "-c", script, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def stdout_lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
     """The process's stdout lines (None at EOF), read on a thread so waits can be bounded."""
     lines: queue.Queue[str | None] = queue.Queue()
@@ -44,6 +61,7 @@ class Peer:
     proc: subprocess.Popen[str]
     lines: queue.Queue[str | None]
     address: str  # HOST:PORT it listens on
+    banner: str  # the first line it printed
 
 
 @contextlib.contextmanager
@@ -69,7 +87,7 @@ def serve(directory: Path, *extra: str, startup_timeout: float = 30) -> Iterator
         lines = stdout_lines(proc)
         first = lines.get(timeout=startup_timeout)
         assert first is not None and " on 127.0.0.1:" in first, first
-        yield Peer(proc, lines, first.split(" on ")[1].split()[0])
+        yield Peer(proc, lines, first.split(" on ")[1].split()[0], first)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,18 +6,17 @@ import argparse
 import gzip
 import io
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from _cli_serve import Peer, cli_without, serve
 from conftest import puts
 
 from d_engine_sm import (
@@ -426,61 +425,21 @@ def test_progress_off_a_terminal_prints_one_status_line() -> None:
 
 
 # -- serve / send over gRPC -----------------------------------------------------------
-def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
-    """The process's stdout lines, read on a thread so waits can be bounded."""
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str | None]]]:
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "d_engine_sm",
-            "serve",
-            "--dir",
-            "srv",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-id",
-            "7",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield proc, _lines(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+def server(tmp_path: Path) -> Iterator[Peer]:
+    pytest.importorskip("grpc")
+    with serve(tmp_path / "srv", "--node-id", "7") as peer:
+        yield peer
 
 
 def test_serve_and_send(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    server: tuple[subprocess.Popen[str], queue.Queue[str | None]],
+    server: Peer,
 ) -> None:
     pytest.importorskip("grpc")
-    proc, lines = server
-    first = lines.get(timeout=30)
-    assert first is not None and "serving node 7 on 127.0.0.1:" in first, first
-    address = first.split(" on ")[1].split()[0]
+    proc, lines, address = server.proc, server.lines, server.address
+    assert "serving node 7 on 127.0.0.1:" in server.banner, server.banner
     assert not address.endswith(":0")
 
     source = snapshots_dir(tmp_path, (100,))
@@ -533,20 +492,7 @@ def test_python_m_entry_point_exit_codes(tmp_path: Path) -> None:
 
 
 def test_serve_without_grpc_names_the_extra(tmp_path: Path) -> None:
-    # A None entry in sys.modules makes `import grpc` fail as if it were not installed.
-    script = (
-        "import sys; sys.modules['grpc'] = None\n"
-        "from d_engine_sm._cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    proc = subprocess.run(
-        [PY, "-c", script, "serve", "--dir", "srv", "--listen", "127.0.0.1:0"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    proc = cli_without("grpc", "serve", "--dir", "srv", "--listen", "127.0.0.1:0", cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, contains="pip install 'd-engine-sm[grpc]'")
     assert not (tmp_path / "srv").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ pytest.importorskip("grpc_health")
 
 import grpc
 import grpc_node
-from _cli_serve import PY, cli, serve
+from _cli_serve import cli, cli_without, serve
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_grpc import RequestEditor
 
@@ -75,19 +74,8 @@ def test_send_no_resume_takes_no_value(tmp_path: Path) -> None:
 
 
 def test_missing_health_package_names_the_extra(tmp_path: Path) -> None:
-    # A None entry in sys.modules makes the import fail as if it were not installed.
-    script = (
-        "import sys; sys.modules['grpc_health'] = None\n"
-        "from d_engine_sm._cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    run = subprocess.run(
-        [PY, "-c", script, "serve", "--dir", "srv", "--listen", "127.0.0.1:0"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
+    run = cli_without(
+        "grpc_health", "serve", "--dir", "srv", "--listen", "127.0.0.1:0", cwd=tmp_path
     )
     assert run.returncode == 1
     one_error_line(run.stderr, "pip install 'd-engine-sm[grpc]'")

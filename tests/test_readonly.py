@@ -8,21 +8,17 @@ install, cleanup) fail with ReadOnlySnapshotDir, a SnapshotError that says so.
 from __future__ import annotations
 
 import hashlib
-import queue
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli_serve import cli, serve
 from conftest import puts
 
 from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler
 from d_engine_sm.errors import ReadOnlySnapshotDir, SnapshotError
 from d_engine_sm.proto import storage_pb2
-
-PY = sys.executable
 
 
 def _mount(args: list[str]) -> bool:
@@ -110,63 +106,28 @@ def test_missing_dir_under_read_only_parent(ro_dir: Path) -> None:
     assert not missing.exists()
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PY, "-m", "d_engine_sm", *argv], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_cli_read_commands(ro_dir: Path) -> None:
     before = _fingerprint(ro_dir)
-    listing = _cli("snapshot", "list", str(ro_dir))
+    listing = cli("snapshot", "list", str(ro_dir))
     assert listing.returncode == 0, listing.stderr
     assert "snapshot-40-1.tar.gz" in listing.stdout and "temp-create-1-abcd" in listing.stdout
-    inspect = _cli("snapshot", "inspect", str(ro_dir / "snapshot-40-1.tar.gz"))
+    inspect = cli("snapshot", "inspect", str(ro_dir / "snapshot-40-1.tar.gz"))
     assert inspect.returncode == 0, inspect.stderr
-    verify = _cli("snapshot", "verify", str(ro_dir))
+    verify = cli("snapshot", "verify", str(ro_dir))
     assert verify.returncode == 1  # the corrupt archive is reported, not moved
     assert "CORRUPT  snapshot-99-1.tar.gz" in verify.stdout
     assert "ok       snapshot-40-1.tar.gz" in verify.stdout
     assert _fingerprint(ro_dir) == before
 
 
-def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 @pytest.mark.timeout(120)
 def test_cli_send_from_read_only_dir(ro_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("grpc")
     before = _fingerprint(ro_dir)
-    argv = [PY, "-m", "d_engine_sm", "serve", "--dir", str(tmp_path / "srv")]
-    server = subprocess.Popen(
-        [*argv, "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        first = _lines(server).get(timeout=30)
-        assert first is not None and " on 127.0.0.1:" in first, first
-        address = first.split(" on ")[1].split()[0]
-        sent = _cli("send", "--dir", str(ro_dir), "--to", address, "--timeout", "30")
+    with serve(tmp_path / "srv") as peer:
+        sent = cli("send", "--dir", str(ro_dir), "--to", peer.address, "--timeout", "30")
         assert sent.returncode == 0, sent.stderr
         assert "sent snapshot index 40 term 1" in sent.stdout
-    finally:
-        server.kill()
-        server.wait(timeout=10)
-        for stream in (server.stdout, server.stderr):
-            if stream is not None:
-                stream.close()
     assert (tmp_path / "srv" / "snapshot-40-1.tar.gz").read_bytes() == (
         ro_dir / "snapshot-40-1.tar.gz"
     ).read_bytes()
