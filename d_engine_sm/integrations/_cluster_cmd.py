@@ -28,7 +28,7 @@ DEFAULT_KEYS: Final = 20_000
 
 
 def register(subparsers: Any) -> None:
-    from d_engine_sm._cli.common import add_command
+    from d_engine_sm._cli.common import add_command, int_at_least
 
     p = add_command(
         subparsers,
@@ -39,25 +39,15 @@ def register(subparsers: Any) -> None:
         "restarts it, waits for its catch-up by snapshot, checks linearizable reads and that "
         "all states are identical, and prints figures and a verdict. Needs the 'pysyncobj' extra.",
     )
-    p.add_argument("--nodes", type=_int_min(3), default=3, metavar="N")
+    p.add_argument("--nodes", type=int_at_least(3), default=3, metavar="N")
     p.add_argument("--dir", type=Path, help="work here (kept); default: a temp dir (removed)")
-    p.add_argument("--keys", type=_int_min(1), default=DEFAULT_KEYS, metavar="N")
-    p.add_argument("--writers", type=_int_min(1), default=4, metavar="N")
-    p.add_argument("--value-size", type=_int_min(1), default=100, metavar="BYTES")
-    p.add_argument("--compact-every", type=_int_min(0), default=0, metavar="ENTRIES",
+    p.add_argument("--keys", type=int_at_least(1), default=DEFAULT_KEYS, metavar="N")
+    p.add_argument("--writers", type=int_at_least(1), default=4, metavar="N")
+    p.add_argument("--value-size", type=int_at_least(1), default=100, metavar="BYTES")
+    p.add_argument("--compact-every", type=int_at_least(0), default=0, metavar="ENTRIES",
                    help="PySyncObj logCompactionMinEntries (0: only at the end)")  # fmt: skip
     p.add_argument("--compare", action="store_true", help="also run plain PySyncObj; ratios")
     p.set_defaults(func=run_command)
-
-
-def _int_min(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -62,15 +62,17 @@ class ProposeError(DEngineError):
             or ``TIMEOUT``/``NODE_FAILED``/``OUTCOME_UNKNOWN``.
         maybe_applied: True when the command may still be (or have been)
             applied: retrying it can apply it twice.
+        detail: what else is known (why the node failed, the timeout), or "".
     """
 
     def __init__(self, reason: str, maybe_applied: bool, detail: str = "") -> None:
         super().__init__(f"proposal failed: {reason}{': ' + detail if detail else ''}")
         self.reason = reason
         self.maybe_applied = maybe_applied
+        self.detail = detail
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.reason, self.maybe_applied))
+        return (type(self), (self.reason, self.maybe_applied, self.detail))
 
 
 class ProposeTimeout(ProposeError, TimeoutError):
