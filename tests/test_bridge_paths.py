@@ -184,10 +184,19 @@ def test_a_failing_state_machine_stops_the_node_from_taking_proposals(tmp_path: 
         failed = node.status()["failed"]
         assert failed is not None and failed.startswith("StateMachine: ")
         assert "disk on fire" in failed
-        with pytest.raises(ProposeError) as err:
-            node.propose(commands.insert(b"later", b"3"), timeout=5)
-        assert (err.value.reason, err.value.maybe_applied) == ("NODE_FAILED", True)
-        assert str(err.value) == f"proposal failed: NODE_FAILED: {failed}"
+        commit_index = node.status()["commit_index"]
+        later = commands.insert(b"later", b"3")
+        for call in (
+            lambda: node.propose(later, timeout=5),
+            # Nothing is proposed: this node could never apply it.
+            lambda: node.propose_async(later, callback=lambda r, e: None),
+            lambda: node.barrier(timeout=5),
+        ):
+            with pytest.raises(ProposeError) as err:
+                call()
+            assert (err.value.reason, err.value.maybe_applied) == ("NODE_FAILED", False)
+            assert str(err.value) == f"proposal failed: NODE_FAILED: {failed}"
+        assert node.status()["commit_index"] == commit_index
         assert h.last_applied() == applied and sm.items() == {b"ok": b"1"}
 
 

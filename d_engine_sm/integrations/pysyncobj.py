@@ -262,9 +262,13 @@ class RaftNode(Closing):
 
         For pipelining many writes; the callback must be quick. ``wait_applied(index)``
         on the handler then waits for the apply.
+
+        Raises:
+            ProposeError: the node is closed, or has stopped applying (``NODE_FAILED``):
+                nothing is proposed, since this node would never apply it.
         """
-        if self._engine is None:
-            raise ProposeError("CLOSED", False, "node is closed")
+        self._check_usable()
+        assert self._engine is not None
         self._engine._propose(command, callback=callback)  # pyright: ignore[reportCallIssue]
 
     def barrier(self, timeout: float) -> int:
@@ -285,11 +289,14 @@ class RaftNode(Closing):
             self._handler.wait_applied(index, max(0.0, deadline - time.monotonic()))
         return self._handler.read_from_state_machine(keys)
 
-    def _replicate(self, command: bytes | None, timeout: float) -> int:
-        if self._closed:
+    def _check_usable(self) -> None:
+        if self._closed or self._engine is None:
             raise ProposeError("CLOSED", False, "node is closed")
         if self._fatal is not None:
-            raise ProposeError("NODE_FAILED", True, self._fatal)
+            raise ProposeError("NODE_FAILED", False, self._fatal)  # refused, not proposed
+
+    def _replicate(self, command: bytes | None, timeout: float) -> int:
+        self._check_usable()
         done = threading.Event()
         box: list[Any] = []
 
