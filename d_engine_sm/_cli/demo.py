@@ -207,8 +207,7 @@ class _Demo:
         if not self._apply(leader, threshold):
             return
         meta, path = self._snapshot(leader)
-        if not self._transfer(leader, follower, meta, path):
-            return
+        self._transfer(leader, follower, meta, path)
         self._compare(leader, follower)
 
     # -- step 1: apply through an ApplyWorker ----------------------------------------
@@ -326,7 +325,7 @@ class _Demo:
         follower: StateMachineHandler,
         meta: storage_pb2.SnapshotMetadata,
         path: Path,
-    ) -> bool:
+    ) -> None:
         size = path.stat().st_size
         bar = self.out.bar(
             "transfer", size, start=f"streaming {fmt_mb(size)} to the follower", fmt=fmt_mb
@@ -367,7 +366,6 @@ class _Demo:
             self.problems.append(f"{len(bad)} chunk(s) not accepted")
         if installed.last_included != meta.last_included or installed.checksum != meta.checksum:
             self.problems.append("the follower installed different snapshot metadata")
-        return True
 
     # -- step 4: compare through the read path ------------------------------------------
     def _compare(self, leader: StateMachineHandler, follower: StateMachineHandler) -> None:

@@ -143,10 +143,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         )
     for head, cell, name in rows:
         out(f"{head}  {cell:<{width}}  {name}")
-    if not listing.archives:
+    if not rows:  # none, or all pruned since the scan
         out(f"no snapshot archives ({args.prefix}<index>-<term>.tar.gz) in {directory}")
     else:
-        out(f"{len(listing.archives)} archive(s) in {directory}")
+        out(f"{len(rows)} archive(s) in {directory}")
     for path in listing.temps:
         out(f"leftover  {path.name}  (work in progress, or left by a crash: removed at start-up)")
     for path in listing.broken:
@@ -249,10 +249,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         directory = target.parent
     records = _recorded(_record_candidates(directory, args.state))
     corrupt: list[Path] = []
+    gone = 0
     for path in files:
         try:
             digest = archive.verify(path)
         except FileNotFoundError:
+            gone += 1
             out(f"skipped  {path.name}  (removed meanwhile)")
             continue
         except CorruptSnapshotError as exc:
@@ -280,10 +282,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         out(f"skipped  {path.name}  (temp leftover)")
     for path in listing.broken:
         out(f"skipped  {path.name}  (already marked broken)")
-    if not files:
+    if len(files) == gone:  # none, or all removed since the scan
         out(f"no snapshot archives to verify in {target}")
     else:
-        out(f"{len(files)} archive(s) verified, {len(corrupt)} corrupt")
+        out(f"{len(files) - gone} archive(s) verified, {len(corrupt)} corrupt")
     if corrupt:
         names = ", ".join(str(p) for p in corrupt)
         raise _Failure(f"{len(corrupt)} corrupt snapshot archive(s): {names}")
