@@ -198,7 +198,7 @@ class Pipeline:
     def _apply_trimmed(
         self, entries: list[common_pb2.Entry]
     ) -> tuple[list[ApplyResult], list[common_pb2.Entry]]:
-        for _attempt in range(2):
+        while True:
             # Entries at or below last_applied are covered by an installed snapshot.
             applied = self.handler.last_applied()
             if entries and entries[0].index <= applied:
@@ -210,11 +210,11 @@ class Pipeline:
             try:
                 return self.handler.apply_chunk(entries), entries
             except ApplyOrderError:
-                # A snapshot install may have jumped last_applied between the
-                # trim and the apply: trim again once; anything else is a bug.
+                # A snapshot install jumped last_applied between the trim and the
+                # apply: trim again (each retry drops at least one entry, so this
+                # ends); any other order problem is a bug.
                 if self.handler.last_applied() < entries[0].index:
                     raise
-        return self.handler.apply_chunk(entries), entries
 
     def _fail(self, source: str, exc: BaseException) -> None:
         with self.cond:
@@ -243,9 +243,7 @@ class Pipeline:
         if not wanted:
             return
         with self.cond:
-            if self.snapshot_running:
-                return
-            self.snapshot_running = True
+            self.snapshot_running = True  # only this (the apply) thread sets it
             if self.executor is None:
                 self.executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=self.snapshot_workers,
@@ -325,11 +323,13 @@ def apply_loop(owner: weakref.ReferenceType[Any], pipeline: Pipeline) -> None:
             if batch is None or not pipeline.apply(batch):
                 break
             del batch  # hold no entries while blocked on the next wait
-    except BaseException:
+    except BaseException as exc:  # SystemExit from the state machine, say
         _log.exception("apply worker thread crashed thread=%s", name)
         with pipeline.cond:
             pipeline.state = FAILED
+            pipeline.in_flight = False
             pipeline._discard_locked()
+        pipeline.emit(FatalError("ApplyWorker", exc))  # whoever waits on events learns it
         raise
     finally:
         _log.info("apply worker exited thread=%s owner_alive=%s", name, owner() is not None)
