@@ -259,11 +259,15 @@ class AsyncStateMachineHandler(AsyncClosing):
             heapq.heappush(self._heap, (target, next(self._seq), waiter))
         # Re-check after registering: an apply or close may have happened
         # between the first check and the push, with its listener already run.
+        # Its future is cancelled: a wake-up or a close failure already posted for
+        # it must not leave an exception nobody retrieves (asyncio would log it).
         if handler.last_applied() >= target:
             self._forget(waiter)
+            waiter.future.cancel()
             return
         if handler.closed:
             self._forget(waiter)
+            waiter.future.cancel()
             raise HandlerClosed(f"handler closed while waiting for index {target}")
         timer = None
         if timeout is not None:
