@@ -86,10 +86,6 @@ class ManagerCore:
         self._meta_lock = threading.Lock()
         self._latest: SnapshotMetadata | None = self._recover()
 
-    @property
-    def store(self) -> SnapshotStore:
-        return self._store
-
     # -- start-up ----------------------------------------------------------
     def _recover(self) -> SnapshotMetadata | None:
         """Find the newest valid archive; tidy the directory only when we may write.

@@ -207,9 +207,7 @@ class Installing(ManagerCore):
             _log.warning("keeping received archive failed index=%d error=%r", lid.index, exc)
             return
         kept = SnapshotMetadata()
-        kept.CopyFrom(meta)
-        if len(kept.checksum) != 32:
-            kept.checksum = archive.sha256_file(final)
+        kept.CopyFrom(meta)  # its checksum is the SHA-256 the receive verified
         self._record(kept)
         self._prune_quietly()
         _log.info("snapshot installed index=%d term=%d path=%s", lid.index, lid.term, final)
