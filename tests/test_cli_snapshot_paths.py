@@ -143,7 +143,7 @@ def test_inspect_an_archive_under_another_name_has_no_log_id(
     assert "log id   unknown (name is not snap_<index>-<term>.tar.gz)" in out
 
 
-def test_inspect_warns_about_members_that_safe_unpack_refuses(
+def test_inspect_shows_then_fails_on_members_that_safe_unpack_refuses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     buf = io.BytesIO()
@@ -160,9 +160,9 @@ def test_inspect_warns_about_members_that_safe_unpack_refuses(
     path = tmp_path / "snapshot-9-1.tar.gz"
     path.write_bytes(gzip.compress(buf.getvalue()))
     code, out, err = run(capsys, "snapshot", "inspect", str(path))
-    assert (code, err) == (0, "")  # inspect shows; verify and installs refuse
-    assert "members  3 (3 bytes unpacked)" in out
-    assert "warning: 2 member(s) that safe unpack refuses: to-passwd, pipe" in out
+    assert code == 1  # shown in full, then refused as verify and installs refuse it
+    assert "members  3 (3 bytes unpacked)" in out and "symlink" in out and "fifo" in out
+    assert one_error_line(err).endswith("2 member(s) that safe unpack refuses: to-passwd, pipe")
     code, out, err = run(capsys, "snapshot", "verify", str(path))
     assert code == 1
     assert "symlink members are not allowed" in out

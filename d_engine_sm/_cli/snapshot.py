@@ -184,12 +184,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out(f"members  {len(members)} ({fmt_count(total)} bytes unpacked)")
     for name, member_size, kind in members:
         out(f"  {kind:<8} {member_size:>14}  {printable(name)}")
+    # Everything is shown first; then, like installs and start-up recovery, it fails
+    # on what they would refuse, so a script can trust the exit code.
+    problems = [] if bad is None else [str(bad)]
     unsafe = [name for name, _, kind in members if kind not in ("file", "dir")]
     if unsafe:
         shown = ", ".join(printable(name) for name in unsafe[:5])
-        out(f"warning: {len(unsafe)} member(s) that safe unpack refuses: {shown}")
-    if bad is not None:  # installs and start-up recovery refuse it too
-        raise _Failure(str(bad))
+        problems.append(f"{len(unsafe)} member(s) that safe unpack refuses: {shown}")
+    if problems:
+        raise _Failure("; ".join(problems))
     return 0
 
 
