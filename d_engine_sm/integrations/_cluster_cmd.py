@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -51,17 +50,16 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    # The CLI package imports this module: its helpers are imported when used.
+    from d_engine_sm._cli.common import _Failure, out
+
     try:
         import pysyncobj  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
-        sys.stderr.write(
-            "d-engine-sm: error: the cluster command needs: pip install 'd-engine-sm[pysyncobj]'\n"
-        )
-        return 1
+        raise _Failure("the cluster command needs: pip install 'd-engine-sm[pysyncobj]'") from None
     base = args.dir or Path(tempfile.mkdtemp(prefix="d-engine-sm-cluster-"))
     try:
         work = Work(args.keys, args.writers, args.value_size, args.compact_every)
-        out = _out
         when = f"every {args.compact_every} entries" if args.compact_every else "at the end"
         out(
             f"cluster: {args.nodes} nodes on 127.0.0.1, {args.keys} keys of {args.value_size} B,"
@@ -76,11 +74,6 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
-
-
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
 
 
 class Work:
