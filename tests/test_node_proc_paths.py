@@ -109,7 +109,7 @@ def test_node_without_quorum_fails_each_request_with_a_reason(tmp_path: Path, mo
             _result(slow, 0.05)
         # "quit" ends the node: what is still pending fails with NodeDied, the exit is clean.
         pending = node.request("quit")
-        with pytest.raises(NodeDied, match="node process exited rc="):
+        with pytest.raises(NodeDied, match=r"^node process exited rc=0; log: "):
             pending.result(30)
         proc = node.proc
         assert proc is not None and proc.wait(30) == 0
@@ -126,8 +126,32 @@ def test_a_node_that_cannot_start_is_reported_not_waited_for(tmp_path: Path) -> 
     log = tmp_path / "node.stderr"
     argv = [sys.executable, "-m", "d_engine_sm.integrations._node_proc", "--mode", "plain"]
     node = NodeProc([*argv, "--self", "127.0.0.1:1", "--dir", str(taken)], log)
-    with pytest.raises(NodeDied, match=f"^node process exited rc=.*; log: {re.escape(str(log))}$"):
+    with pytest.raises(NodeDied, match=f"^node process exited rc=1; log: {re.escape(str(log))}$"):
         node.start()
     assert node.proc is not None and node.proc.wait(30) == 1
     assert "FileExistsError" in log.read_text()
     assert not node.running
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["plain", "dsm"])
+def test_a_node_does_not_outlive_its_driver(tmp_path: Path, mode: str) -> None:
+    # A single-member cluster elects itself; a load far too long to finish is
+    # running when the driver goes away (its end of stdin closes, as when it dies).
+    c = Cluster(tmp_path / mode, 1, mode=mode)
+    try:
+        c.start()
+        assert c.wait_leader() == 0
+        node = c.nodes[0]
+        load = node.request("load", count=50_000_000, prefix="k-", value_size=8, window=64)
+        node.call("wait", index=200, timeout=30)  # the load is under way
+        proc = node.proc
+        assert proc is not None and proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(20) == 0  # the load gave up; the node closed cleanly
+        # It answered before exiting: it gave up, or met the node already closed.
+        answer = load.result(10)
+        assert answer["ok"] is False
+        assert re.match(r"Stopping: the node is stopping$|ProposeError: .*CLOSED", answer["error"])
+    finally:
+        _close(c)

@@ -24,6 +24,7 @@ from typing import Any, Final
 from d_engine_sm._closing import Closing
 
 READY_TIMEOUT: Final = 30.0
+EXIT_GRACE: Final = 5.0  # seconds a node whose output closed gets to exit
 
 
 class NodeDied(RuntimeError):
@@ -82,7 +83,12 @@ class NodeProc:
                 fut = self._pending.pop(msg["id"], None)
             if fut is not None:
                 fut.set_result(msg)
-        died = NodeDied(f"node process exited rc={proc.poll()}; log: {self._log}")
+        try:  # its output closed: it is exiting (reaped here so the code is known)
+            rc: int | None = proc.wait(EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            rc = None
+        state = "closed its output" if rc is None else f"exited rc={rc}"
+        died = NodeDied(f"node process {state}; log: {self._log}")
         if not ready.done():
             ready.set_exception(died)
         with self._lock:

@@ -30,13 +30,36 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated  # type: ignore[import-untyped]
 
 _out_lock = threading.Lock()
+# Set when the driver is gone (stdin closed, or nobody reads the answers) or
+# asked to quit: long requests give up, so the process never outlives it.
+_stopping = threading.Event()
+
+
+class Stopping(RuntimeError):
+    """The node is shutting down; a long request gave up."""
 
 
 def _reply(message: dict[str, Any]) -> None:
     line = json.dumps(message)
     with _out_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # the driver died (or closed its end)
+            _stopping.set()
+
+
+def _pause() -> None:
+    """A polling loop's 10 ms wait, given up when the node is stopping."""
+    if _stopping.wait(0.01):
+        raise Stopping("the node is stopping")
+
+
+def _acquire(sem: threading.BoundedSemaphore) -> None:
+    """``sem.acquire()``, given up when the node is stopping."""
+    while not sem.acquire(timeout=0.1):
+        if _stopping.is_set():
+            raise Stopping("the node is stopping")
 
 
 class _Window:
@@ -180,7 +203,7 @@ class Node:
         pool = [os.urandom(size // 2 + 1).hex()[:size] for _ in range(4096)]
         started = time.perf_counter()
         for i in range(count):
-            window.sem.acquire()
+            _acquire(window.sem)
             key = f"{prefix}{i:09d}"
             if self.mode == "plain":
                 self.plain.set(key, pool[i % 4096], callback=window.callback)  # pyright: ignore[reportCallIssue]
@@ -191,7 +214,7 @@ class Node:
                     commands.insert(key.encode(), pool[i % 4096].encode()), callback=window.callback
                 )
         for _ in range(req.get("window", 1000)):
-            window.sem.acquire()
+            _acquire(window.sem)
         self._wait_applied(window.max_index, req.get("timeout", 300.0))
         return {"seconds": time.perf_counter() - started, "count": count, "errors": window.errors}
 
@@ -208,7 +231,7 @@ class Node:
         while self._applied() < index:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"index {index} not applied in {timeout}s")
-            time.sleep(0.01)
+            _pause()
 
     def op_wait(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -237,14 +260,14 @@ class Node:
             while not (dump.exists() and dump.stat().st_mtime_ns != before):
                 if time.monotonic() > deadline:
                     raise TimeoutError("no dump")
-                time.sleep(0.01)
+                _pause()
             return {"seconds": time.perf_counter() - started, "bytes": dump.stat().st_size}
         before = self.node.status()["snapshots_created"]
         self.node.force_compaction()
         while self.node.status()["snapshots_created"] == before:
             if time.monotonic() > deadline:
                 raise TimeoutError("no snapshot")
-            time.sleep(0.01)
+            _pause()
         meta = self.handler.get_latest_snapshot_metadata()
         size = 0
         if meta is not None:
@@ -280,7 +303,10 @@ def _serve(node: Node) -> None:
         if req["op"] == "quit":
             break
         pool.submit(run, req)
-    pool.shutdown(wait=True, cancel_futures=True)
+    # Quit or EOF: nobody waits for long requests any more. They give up, and
+    # closing the node (next) fails the rest, so the pool's threads end.
+    _stopping.set()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def main(argv: list[str] | None = None) -> int:
