@@ -46,12 +46,8 @@ class Serving(ManagerCore):
     ) -> Iterator[storage_pb2.SnapshotChunk]:
         info = self._find(metadata)
         term = metadata.last_included.term if leader_term is None else leader_term
-        stack = ExitStack()
-        try:
-            reader = stack.enter_context(self._store.open_reader(info))
-        except BaseException:
-            stack.close()
-            raise
+        stack = ExitStack()  # nothing to close if entering fails: the reader cleans up itself
+        reader = stack.enter_context(self._store.open_reader(info))
         return ChunkStream(
             stack,
             reader,

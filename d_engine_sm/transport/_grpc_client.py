@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from d_engine_sm._snapshot.sender import Abort, Decision, Finish, Probe, Send, SnapshotSender
+from d_engine_sm._snapshot.naming import archive_name
+from d_engine_sm._snapshot.sender import Abort, Decision, Probe, Send, SnapshotSender
 from d_engine_sm._snapshot.streams import ChunkStream
 from d_engine_sm.errors import (
+    CorruptSnapshotError,
     SnapshotError,
     SnapshotNotFound,
     SnapshotTransferError,
@@ -183,6 +185,7 @@ def send_snapshot(
 
     Raises:
         SnapshotNotFound: no snapshot to send.
+        CorruptSnapshotError: the archive to send is empty (truncated on disk).
         StaleSnapshotError: the peer has applied past this snapshot.
         SnapshotTransferError: the peer refused or the call failed (status text
             in the message; ``seq`` = the peer's ``next_chunk`` when known).
@@ -195,12 +198,14 @@ def send_snapshot(
     source = handler.load_snapshot_data(meta, leader_term=leader_term)
     if not isinstance(source, ChunkStream):  # pragma: no cover - the handler's own type
         raise TypeError("load_snapshot_data returned an unexpected stream")
-    with (
-        contextlib.closing(source),
-        _stub(target, handler.config.chunk_size, credentials, interceptors) as stub,
-    ):
-        response = _push(stub, source, meta=meta, target=target, timeout=timeout, resume=resume)
     lid = meta.last_included
+    with contextlib.closing(source):
+        if source.total_chunks < 1:  # truncated on disk: no chunk 0 to name the snapshot
+            config = handler.config
+            name = archive_name(config.snapshots_dir_prefix, lid.index, lid.term)
+            raise CorruptSnapshotError(str(config.snapshots_dir / name), "archive is empty")
+        with _stub(target, handler.config.chunk_size, credentials, interceptors) as stub:
+            response = _push(stub, source, meta=meta, target=target, timeout=timeout, resume=resume)
     _log.info(
         "sent snapshot target=%s index=%d term=%d chunks=%d",
         target,
@@ -245,10 +250,6 @@ def _push(
         raise SnapshotTransferError(
             f"peer {target} answered success=false", seq=response.next_chunk
         )
-    done = SnapshotAck(seq=total - 1, status=SnapshotAck.ACCEPTED, next_requested=total)
-    decision = sender.on_ack(done, time.monotonic())
-    if not isinstance(decision, Finish):
-        raise _decision_error(decision, target)
     if sender.resumed_at:
         _log.info("push resumed target=%s from=%d sent=%d", target, sender.resumed_at, chunks.sent)
     return response
@@ -280,8 +281,14 @@ def _probe(
 
 
 def _decision_error(decision: Decision, target: str) -> SnapshotTransferError:
-    reason = decision.reason if isinstance(decision, Abort) else repr(decision)
-    return SnapshotTransferError(f"InstallSnapshot to {target}: {reason}")
+    """The probe's answer leaves nothing to send: out of range, or every chunk (Finish)."""
+    if isinstance(decision, Abort):
+        return SnapshotTransferError(f"InstallSnapshot to {target}: {decision.reason}")
+    # Holding every chunk yet not installed: a header alone would only be a probe again.
+    return SnapshotTransferError(
+        f"InstallSnapshot to {target}: the peer's answer to the probe claims every chunk, "
+        "yet it installed nothing"
+    )
 
 
 def _push_error(err: grpc.RpcError, target: str, meta: SnapshotMetadata) -> SnapshotError:

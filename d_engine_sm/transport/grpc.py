@@ -53,6 +53,7 @@ while calls in flight finish.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, Final
@@ -149,8 +150,12 @@ def start_server(
     """Like :func:`serve`, also returning the bound port (useful with ``:0``).
 
     Raises:
-        OSError: ``listen`` could not be bound.
+        ValueError: ``listen``'s port is above 65535.
+        OSError: ``listen`` could not be bound (the message names the address
+            and, when a plain bind of it fails too, the system's reason, whose
+            ``errno`` the error carries).
     """
+    _check_port(listen)
     limit = max_message_bytes or message_limit(handler.config.chunk_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="d-engine-sm-grpc"),
@@ -170,15 +175,60 @@ def start_server(
             port = server.add_insecure_port(listen)
         else:
             port = server.add_secure_port(listen, credentials)
-    except RuntimeError as exc:  # grpc reports bind failures this way
-        raise OSError(f"cannot listen on {listen}: {exc}") from exc
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    except RuntimeError as exc:  # grpc reports bind failures this way (never a port 0)
+        raise _bind_error(listen, exc) from exc
     server.start()
     _log.info(
         "serving node=%d listen=%s port=%d tls=%s", handler.node_id, listen, port, bool(credentials)
     )
     return _HealthReportingServer(server, health_servicer), port
+
+
+def _host_port(listen: str) -> tuple[str, int] | None:
+    """``listen``'s host (brackets stripped) and numeric port; None for other forms (``unix:``)."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _check_port(listen: str) -> None:
+    # gRPC takes a port modulo 65536: ":70000" would listen on 4464.
+    parsed = _host_port(listen)
+    if parsed is not None and parsed[1] > 65535:
+        raise ValueError(f"cannot listen on {listen}: port {parsed[1]} is above 65535")
+
+
+def _bind_error(listen: str, exc: RuntimeError) -> OSError:
+    """The error for a failed bind, with the reason a plain bind of ``listen`` gives.
+
+    gRPC says only "Failed to bind"; a socket bound to the same address says
+    why (address in use, not this host's, permission denied, unknown host).
+    """
+    parsed = _host_port(listen)
+    reason = _plain_bind(*parsed) if parsed is not None else None
+    if reason is None:
+        return OSError(f"cannot listen on {listen}: {exc}")
+    error = OSError(f"cannot listen on {listen}: {reason.strerror or reason}")
+    if not isinstance(reason, socket.gaierror):  # a resolver code is no errno
+        error.errno = reason.errno
+    return error
+
+
+def _plain_bind(host: str, port: int) -> OSError | None:
+    """Why binding ``host:port`` fails (None: it does not fail now)."""
+    try:
+        found = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in found:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+    except OSError as err:
+        return err
+    return None
 
 
 def serve(
@@ -217,7 +267,8 @@ def serve(
         The started ``grpc.Server``.
 
     Raises:
-        OSError: ``listen`` could not be bound.
+        ValueError: ``listen``'s port is above 65535.
+        OSError: ``listen`` could not be bound (see :func:`start_server`).
     """
     return start_server(
         handler,
