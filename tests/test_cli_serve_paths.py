@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("grpc_health")
 
-from _cli_serve import PY, serve
+from _cli_serve import PY, cli, serve
 
 from d_engine_sm import MemoryStateMachine, _kv
 from d_engine_sm._cli import main
@@ -96,6 +96,20 @@ def test_serve_on_a_busy_port_names_the_address_and_the_reason(
     assert code == 1
     assert one_error_line(err) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
     assert out == ""
+
+
+def test_serve_on_a_busy_port_prints_one_line_not_grpc_logs_too(tmp_path: Path) -> None:
+    # gRPC's native logger writes to the process's stderr itself: only a child shows it.
+    with busy_port() as port:
+        quiet = cli("serve", "--dir", str(tmp_path / "a"), "--listen", f"127.0.0.1:{port}")
+        verbose = cli("-v", "serve", "--dir", str(tmp_path / "b"), "--listen", f"127.0.0.1:{port}")
+    assert quiet.returncode == verbose.returncode == 1
+    assert (
+        quiet.stderr
+        == f"d-engine-sm: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    # With --verbose gRPC's own diagnostics stay (they say more than ours).
+    assert "Failed to add port" in verbose.stderr
 
 
 def test_serve_with_metrics_on_a_busy_port_names_it_and_stops_the_grpc_server(
@@ -212,17 +226,19 @@ def test_send_to_a_silent_peer_gives_up_after_its_timeout(
     assert SHORT <= elapsed < SHORT + 5
 
 
+@pytest.mark.parametrize("module", ["storage_pb2", "storage_pb2_grpc"])
 def test_an_import_error_that_is_not_about_grpc_is_not_blamed_on_the_extra(
-    tmp_path: Path,
+    tmp_path: Path, module: str
 ) -> None:
     # A module of this package that cannot be imported (a broken installation): the
-    # user must see that, not advice to install the grpc extra.
+    # user must see that, not advice to install the grpc extra, even when the
+    # module's name says grpc.
     script = (
         "import sys\n"
         "from d_engine_sm._cli import main\n"
         "import d_engine_sm.proto as proto\n"
-        "sys.modules['d_engine_sm.proto.storage_pb2'] = None\n"
-        "del proto.storage_pb2\n"
+        f"sys.modules['d_engine_sm.proto.{module}'] = None\n"
+        f"if hasattr(proto, {module!r}): delattr(proto, {module!r})\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     done = subprocess.run(
@@ -236,5 +252,5 @@ def test_an_import_error_that_is_not_about_grpc_is_not_blamed_on_the_extra(
     assert done.returncode == 1
     assert one_error_line(done.stderr) == (
         "unexpected ModuleNotFoundError: "
-        "import of d_engine_sm.proto.storage_pb2 halted; None in sys.modules"
+        f"import of d_engine_sm.proto.{module} halted; None in sys.modules"
     )

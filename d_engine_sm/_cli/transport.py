@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from d_engine_sm._progress import fmt_mb
 from d_engine_sm._snapshot.naming import archive_name
 
 GRPC_HINT: Final = "pip install 'd-engine-sm[grpc]'"
+GRPC_EXTRA_PACKAGES: Final = ("grpc", "grpc_health")  # what the grpc extra installs
 STOP_POLL: Final = 0.2  # seconds: at most this late, serve notices SIGINT/SIGTERM
 
 
@@ -98,18 +101,28 @@ def non_negative_seconds(text: str) -> float:
 PROMETHEUS_HINT: Final = "pip install 'd-engine-sm[prometheus]'"
 
 
-def _grpc_transport() -> Any:
+def _grpc_transport(verbose: bool) -> Any:
+    # gRPC's native logger writes its own line for failures we report (a busy port,
+    # say): the command's one error line says it. gRPC reads the variable as it
+    # loads, so it is set only around that import (nothing else inherits it).
+    quiet = not verbose and "GRPC_VERBOSITY" not in os.environ and "grpc" not in sys.modules
+    if quiet:
+        os.environ["GRPC_VERBOSITY"] = "NONE"
     try:
         from d_engine_sm.transport import grpc as transport
     except ImportError as exc:
-        if (exc.name or "").split(".")[0] == "grpc" or "grpc" in str(exc):
+        # Only the extra's own packages: a broken module of ours must show as itself.
+        if (exc.name or "").split(".")[0] in GRPC_EXTRA_PACKAGES:
             raise _Failure(f"the gRPC transport needs the grpc extra: {GRPC_HINT}") from exc
         raise
+    finally:
+        if quiet:
+            del os.environ["GRPC_VERBOSITY"]
     return transport
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    transport = _grpc_transport()
+    transport = _grpc_transport(bool(args.verbose))
     directory: Path = args.dir
     if directory.exists() and not directory.is_dir():
         raise _Failure(f"not a directory: {directory}")
@@ -197,7 +210,7 @@ def _stop_on_sigterm() -> Iterator[_StopRequest]:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    transport = _grpc_transport()
+    transport = _grpc_transport(bool(args.verbose))
     directory = existing_dir(args.dir)
     # Only the archive matters: the state machine is a placeholder. Read-only: the
     # directory is left exactly as found (no leftover removed, nothing moved aside).
