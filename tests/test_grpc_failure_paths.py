@@ -499,7 +499,8 @@ def test_the_leader_ends_a_stream_whose_learner_cancels_while_awaited(
 
     monkeypatch.setattr(_grpc_server._AckReader, "get", get)
     acks: queue.SimpleQueue[Ack | None] = queue.SimpleQueue()
-    # gRPC hands the leader the cancellation as an error, or as the acks simply ending.
+    # gRPC hands the leader the cancellation as an error, or as the acks simply
+    # ending (then followed by the call's termination): either way it just ends.
     with (
         serving(leader) as target,
         watching("StreamSnapshot ") as ended,
@@ -514,8 +515,7 @@ def test_the_leader_ends_a_stream_whose_learner_cancels_while_awaited(
             acks.put(None)
     assert len(ended.messages) == 1, ended.messages
     assert re.fullmatch(
-        r"StreamSnapshot (ended by peer=\S+: .*RpcError.*"
-        r"|to peer=\S+ aborted: receiver closed its acks after 0 of \d+ chunks)",
+        r"StreamSnapshot ended by peer=\S+: (.*RpcError.*|the call was cancelled)",
         ended.messages[0],
     ), ended.messages
 
@@ -694,11 +694,23 @@ def test_leader_gives_up_on_a_learner_that_never_acks(
 class FakeContext:
     """Just enough of a ``grpc.ServicerContext`` to run StreamSnapshot without gRPC."""
 
-    def __init__(self) -> None:
-        self.aborted: list[tuple[grpc.StatusCode, str]] = []
-
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.aborted: list[tuple[grpc.StatusCode, str]] = []
+        self.callbacks: list[Any] | None = []
+
+    def add_callback(self, callback: Any) -> bool:
+        if self.callbacks is None:
+            return False  # gRPC: the call has already terminated; not registered
+        self.callbacks.append(callback)
+        return True
+
+    def terminate(self) -> None:  # what gRPC does when the call ends
+        callbacks, self.callbacks = self.callbacks or [], None
+        for callback in callbacks:
+            callback()
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted.append((code, details))
@@ -726,6 +738,42 @@ def test_leader_ends_a_stream_quietly_when_the_learners_acks_fail(
     assert ended.messages == [
         "StreamSnapshot ended by peer=ipv4:127.0.0.1:1: ConnectionResetError('connection lost')"
     ]
+
+
+class EndThenCancel(Iterator[Ack]):
+    """A cancelled call's acks as gRPC may hand them over: an end, then the termination."""
+
+    def __init__(self, context: FakeContext) -> None:
+        self.context = context
+
+    def __next__(self) -> Ack:
+        self.context.terminate()
+        raise StopIteration
+
+
+@pytest.mark.parametrize("cancelled", [True, False])
+def test_acks_ending_early_abort_the_stream_unless_the_call_was_cancelled(
+    leader: StateMachineHandler, cancelled: bool
+) -> None:
+    servicer = transport.SnapshotServicer(leader, ack_timeout=WAIT)
+    context = FakeContext()
+    acks: Iterator[Ack] = EndThenCancel(context) if cancelled else iter([])
+    with watching("StreamSnapshot ") as ended:
+        stream = servicer.StreamSnapshot(acks, cast(Any, context))
+        assert next(stream).seq == 0
+        if cancelled:  # nobody to answer: it just ends
+            assert list(stream) == []
+        else:  # a real half-close stays active: the learner hears why
+            with pytest.raises(RuntimeError, match="aborted"):
+                next(stream)
+    if cancelled:
+        assert context.aborted == []
+        assert ended.messages == [
+            "StreamSnapshot ended by peer=ipv4:127.0.0.1:1: the call was cancelled"
+        ]
+    else:
+        assert [code for code, _ in context.aborted] == [grpc.StatusCode.ABORTED]
+        assert context.aborted[0][1].startswith("receiver closed its acks after 0 of ")
 
 
 @pytest.mark.parametrize(

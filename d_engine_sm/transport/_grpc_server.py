@@ -76,7 +76,8 @@ class _Peeked(Iterator[SnapshotChunk]):
     def __init__(self, chunks: Iterator[SnapshotChunk], context: grpc.ServicerContext) -> None:
         self._chunks = chunks
         self._ended = threading.Event()
-        context.add_callback(self._ended.set)
+        if not context.add_callback(self._ended.set):  # False: the call already ended
+            self._ended.set()
         self.count = 0
         self.header_first = False
 
@@ -243,7 +244,11 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
         with contextlib.closing(source):
             if source.total_chunks < 1:
                 _abort(context, grpc.StatusCode.INTERNAL, "snapshot archive is empty")
-            yield from self._stream(meta, source, _AckReader(request_iterator), context)
+            ended = threading.Event()  # the call terminated: cancelled, deadline, done
+            if not context.add_callback(ended.set):  # False: it already has
+                ended.set()
+            acks = _AckReader(request_iterator)
+            yield from self._stream(meta, source, acks, context, ended)
 
     def _stream(
         self,
@@ -251,6 +256,7 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
         source: ChunkStream,
         acks: _AckReader,
         context: grpc.ServicerContext,
+        ended: threading.Event,
     ) -> Iterator[SnapshotChunk]:
         peer = context.peer()
         sender = SnapshotSender(
@@ -271,6 +277,11 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
         if decision is None:
             return  # the call ended (cancelled, deadline): nothing to answer
         if isinstance(decision, Abort):
+            # gRPC may end the acks of a cancelled call as if the learner had
+            # half-closed, the cancellation arriving just after: nothing to answer.
+            if ended.wait(_CUT_OFF_WAIT if acks.closed else 0):
+                _log.info("StreamSnapshot ended by peer=%s: the call was cancelled", peer)
+                return
             _log.info("StreamSnapshot to peer=%s aborted: %s", peer, decision.reason)
             _abort(context, getattr(grpc.StatusCode, decision.status), decision.reason)
         source.complete()
@@ -324,12 +335,14 @@ class _AckReader:
     def __init__(self, request_iterator: Iterator[SnapshotAck]) -> None:
         self._queue: queue.SimpleQueue[SnapshotAck | BaseException] = queue.SimpleQueue()
         self._it = request_iterator
+        self.closed = False  # the learner's ack stream ended (half-close, or so it seemed)
         threading.Thread(target=self._run, name="d-engine-sm-grpc-acks", daemon=True).start()
 
     def _run(self) -> None:
         try:
             for ack in self._it:
                 self._queue.put(ack)
+            self.closed = True
             self._queue.put(self.END)
         except Exception as exc:  # grpc.RpcError: cancelled, deadline, connection lost
             self._queue.put(exc)
