@@ -50,6 +50,7 @@ from d_engine_sm._sqlite_schema import (
     SCHEMA_VERSION,
     SIDE_FILES,
     SNAPSHOT_FILE,
+    same_device,
     stage,
     staging_path,
 )
@@ -137,6 +138,8 @@ class SqliteStateMachine(Closing, StateMachine):
             lambda: ValueError(f"SqliteStateMachine is closed: path={self._path}"),
         )
         self._pinned: sqlite3.Connection | None = None
+        # The received file prepare_install staged in place, and for which metadata.
+        self._prepared: tuple[str, bytes] | None = None
         self._closed = False
         self._running = True
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
@@ -439,14 +442,44 @@ class SqliteStateMachine(Closing, StateMachine):
         finally:
             source.close()
 
+    def prepare_install(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        """Validate and stage ``dir/state.sqlite3`` in place, with applies running.
+
+        The slow part of an install (header, schema objects, integrity_check,
+        column types; ``meta`` written in as the applied LogId; fsync), so
+        that :meth:`apply_snapshot_from_file` only renames. When the file
+        cannot be renamed over the database (another file system), nothing
+        is done here: the install copies and stages it then.
+
+        Raises:
+            CorruptSnapshotError: as :meth:`apply_snapshot_from_file`.
+        """
+        source = Path(dir) / SNAPSHOT_FILE
+        if os.path.abspath(source) == self._path:
+            raise ValueError(f"cannot install the live database onto itself: {source}")
+        if self._closed or not same_device(source, Path(self._path).parent):
+            return
+        key = (os.path.abspath(source), meta.SerializeToString(deterministic=True))
+        self._prepared = None
+        stage(
+            source,
+            meta,
+            timeout=self._validate_timeout,
+            fs=self._fs,
+            sync=self._durability != "off",
+        )
+        self._prepared = key
+
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         """Replace the whole state with ``dir/state.sqlite3`` by replacing the file.
 
         The received file is validated (header, schema objects, integrity_check,
         column types; bounded by ``validate_timeout``), given ``meta`` as its
         applied LogId, fsynced, and renamed over the database: it is *moved*
-        out of ``dir``. Readers on other threads see the old or the new
-        state. A crash at any point leaves either the old or the new state.
+        out of ``dir``. All but the rename is done by :meth:`prepare_install`
+        when it ran for the same file and metadata. Readers on other threads
+        see the old or the new state. A crash at any point leaves either the
+        old or the new state.
 
         Raises:
             CorruptSnapshotError: the file is missing, hostile, not of this
@@ -460,17 +493,20 @@ class SqliteStateMachine(Closing, StateMachine):
         source = Path(dir) / SNAPSHOT_FILE
         if os.path.abspath(source) == self._path:
             raise ValueError(f"cannot install the live database onto itself: {source}")
+        key = (os.path.abspath(source), copy.SerializeToString(deterministic=True))
+        prepared, self._prepared = self._prepared == key, None
         with self._write_lock:
             self._writer()
-            staged = staging_path(source, Path(self._path + _INCOMING))
+            staged = source if prepared else staging_path(source, Path(self._path + _INCOMING))
             try:
-                stage(
-                    staged,
-                    copy,
-                    timeout=self._validate_timeout,
-                    fs=self._fs,
-                    sync=self._durability != "off",
-                )
+                if not prepared:
+                    stage(
+                        staged,
+                        copy,
+                        timeout=self._validate_timeout,
+                        fs=self._fs,
+                        sync=self._durability != "off",
+                    )
                 self._swap_in(staged)
             finally:
                 if staged != source:

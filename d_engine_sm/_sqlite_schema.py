@@ -227,17 +227,22 @@ def stage(
             fs.fsync(f)
 
 
+def same_device(source: Path, directory: Path) -> bool:
+    """Whether ``source`` can be renamed into ``directory`` (True when it is
+    missing: :func:`stage` reports that)."""
+    try:
+        return os.stat(source).st_dev == os.stat(directory).st_dev
+    except FileNotFoundError:
+        return True
+
+
 def staging_path(source: Path, incoming: Path) -> Path:
     """``source``, or a copy of it at ``incoming`` when a rename cannot cross to there.
 
     ``incoming`` sits next to the database, so the final rename stays on one
     file system; its owner removes a leftover copy at open.
     """
-    try:
-        same_device = os.stat(source).st_dev == os.stat(incoming.parent).st_dev
-    except FileNotFoundError:
-        return source  # stage() reports the missing file
-    if same_device:
+    if same_device(source, incoming.parent):
         return source
     try:
         shutil.copyfile(source, incoming)

@@ -330,17 +330,43 @@ class StateMachine(abc.ABC):
                 chained) and nothing is published.
         """
 
+    def prepare_install(  # noqa: B027 - optional hook, default no-op
+        self, meta: storage_pb2.SnapshotMetadata, dir: Path
+    ) -> None:
+        """Validate and prepare a received snapshot while applies keep running.
+
+        Called by the handler once a received archive is verified and
+        unpacked into ``dir``, on the receiving thread, *before* applies are
+        paused for :meth:`apply_snapshot_from_file`: it runs concurrently with
+        ``apply_chunk`` and reads, so it must not touch the live state. Put
+        the slow, state-independent part of an install here (checking the
+        files, building a structure to swap in); the paused part then only
+        swaps. ``apply_snapshot_from_file(meta, dir)`` normally follows with
+        the same arguments, but may not: the snapshot can turn out stale, or
+        the handler close, in between. Whatever this keeps must therefore live
+        in ``dir`` (removed by the handler afterwards) or be small. The
+        default does nothing.
+
+        Args:
+            meta: the snapshot's metadata (LogId, SHA-256 of the archive).
+            dir: the unpacked files ``generate_snapshot_data`` wrote.
+
+        Raises:
+            Exception: the install fails with ``SnapshotError`` (cause
+                chained) before anything changed.
+        """
+
     @abc.abstractmethod
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         """Replace the whole state with the snapshot unpacked in ``dir``.
 
         Called by ``apply_snapshot_stream_from_leader`` after the transfer
-        was verified and unpacked, on the receiving thread, with applies
-        paused (never concurrently with ``apply_chunk`` or a snapshot
-        create); reads may run concurrently and must see the old or the new
-        state. ``meta.last_included`` is newer than the applied index. The
-        handler calls :meth:`flush` right after, before it keeps the received
-        archive.
+        was verified and unpacked and :meth:`prepare_install` returned, on
+        the receiving thread, with applies paused (never concurrently with
+        ``apply_chunk`` or a snapshot create); reads may run concurrently and
+        must see the old or the new state. ``meta.last_included`` is newer
+        than the applied index. The handler calls :meth:`flush` right after,
+        before it keeps the received archive.
 
         Afterwards ``last_applied()`` is ``meta.last_included`` and
         ``snapshot_metadata()`` is ``meta``. A durable state machine has the

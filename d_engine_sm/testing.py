@@ -36,6 +36,7 @@ import gc
 import importlib
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -469,6 +470,43 @@ class StateMachineConformance:
             target.apply_chunk([ins(5, b"after", b"y", term=2)])
             assert target.get(b"after") == b"y"
             assert _lid(target) == (5, 2)
+        finally:
+            dispose(source)
+            dispose(target)
+
+    def test_prepare_install_changes_nothing_until_the_install(self, tmp_path: Path) -> None:
+        """``prepare_install`` leaves the live state alone while applies go on; a
+        prepared install that never follows changes nothing; the next one installs."""
+        source = self._open(tmp_path / "source")
+        target = self._open(tmp_path / "target")
+        try:
+            source.apply_chunk([ins(i, b"k%d" % i, b"v%d" % i, term=2) for i in range(1, 11)])
+            last_included = source.last_applied()
+            source.prepare_snapshot()
+            snap = tmp_path / "snap"
+            snap.mkdir()
+            source.generate_snapshot_data(snap, last_included)
+            abandoned, used = tmp_path / "abandoned", tmp_path / "used"
+            shutil.copytree(snap, abandoned)
+            shutil.copytree(snap, used)
+            meta = storage_pb2.SnapshotMetadata(last_included=last_included, checksum=b"\x02" * 32)
+
+            target.apply_chunk([ins(1, b"old", b"o")])
+            target.prepare_install(meta, abandoned)  # no install follows (turned stale, say)
+            target.apply_chunk([ins(2, b"during", b"d")])
+            before = {b"old": b"o", b"during": b"d"}
+            self._assert_state(target, before, [b"old", b"during", b"k1", b"k10"])
+            assert _lid(target) == (2, 1)
+            assert target.snapshot_metadata() is None
+            shutil.rmtree(abandoned)  # as the handler does with its scratch directory
+
+            target.prepare_install(meta, used)
+            self._assert_state(target, before, [b"old", b"during", b"k1"])
+            target.apply_snapshot_from_file(meta, used)
+            expected = {b"k%d" % i: b"v%d" % i for i in range(1, 11)}
+            self._assert_state(target, expected, [b"old", b"during", *expected])
+            assert _lid(target) == (10, 2)
+            assert target.snapshot_metadata() == meta
         finally:
             dispose(source)
             dispose(target)

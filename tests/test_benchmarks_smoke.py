@@ -36,3 +36,20 @@ def test_bench_scale_runs_and_reports_every_phase() -> None:
                 assert figures[phase]["seconds"] > 0
                 assert figures[phase]["ratio_vs_tar"] > 0
                 assert figures[phase]["rss_growth_mib"] >= 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_install_stall_runs_and_reports_both_installs() -> None:
+    script = SCRIPT.parent / "bench_install_stall.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--keys", "2000", "--repeat", "1", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    report = json.loads(out.stdout)
+    assert report["keys"] == 2000 and report["stall_ratio"] > 0
+    for name in ("prepared", "paused"):
+        figures = report["medians"][name]
+        assert figures["install_seconds"] > 0 and figures["max_apply_gap_seconds"] >= 0

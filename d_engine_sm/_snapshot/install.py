@@ -166,6 +166,7 @@ class Installing(ManagerCore):
         except OSError as exc:
             fail(str(exc))
             raise self._disk_error(exc, 0, "installing snapshot") from exc
+        self._prepare(meta, unpack_dir, fail)
         with self._pause:
             applied = self._applied()
             if self._closed:
@@ -188,6 +189,23 @@ class Installing(ManagerCore):
         size = os.path.getsize(temp)
         report(progress, "install", size, size)
         self._keep_installed(meta, temp)
+
+    def _prepare(
+        self, meta: SnapshotMetadata, unpack_dir: Path, fail: Callable[[str], None]
+    ) -> None:
+        """The state machine's slow, state-independent part, with applies still running.
+
+        Skipped when the install will be refused anyway (stale, closed): the
+        paused step checks again and says why.
+        """
+        if self._closed or meta.last_included.index <= self._applied().index:
+            return
+        try:
+            self._sm.prepare_install(meta, unpack_dir)
+        except Exception as exc:
+            failure = SnapshotError(f"prepare_install failed: {exc}")
+            fail(str(failure))
+            raise failure from exc
 
     def _keep_installed(self, meta: SnapshotMetadata, temp: Path) -> None:
         """Flush the installed state, then publish its archive as the newest."""

@@ -1,0 +1,136 @@
+"""How long do applies stall while a follower installs a SQLite snapshot?
+
+Question: a follower on SqliteStateMachine receives a snapshot of ``--keys``
+keys while a thread keeps applying small batches (the log still arriving).
+How long is the longest gap between two applies during the install, next
+to the same install with the state machine's ``prepare_install`` disabled
+(then the received file is validated with applies paused, as before that
+hook existed)? Both in the same run, alternating, ``--repeat`` times.
+
+Run::
+
+    python benchmarks/bench_install_stall.py --keys 500000 --repeat 3
+    python benchmarks/bench_install_stall.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from d_engine_sm import SnapshotConfig, SqliteStateMachine, StateMachineHandler, _kv
+from d_engine_sm.errors import ApplyOrderError
+from d_engine_sm.proto import common_pb2, storage_pb2
+
+
+class PausedValidation(SqliteStateMachine):
+    """The baseline: nothing prepared, so validation runs with applies paused."""
+
+    def prepare_install(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        return None
+
+
+def entries(first: int, count: int, value: bytes) -> list[common_pb2.Entry]:
+    return [
+        _kv.command_entry(i, 1, _kv.insert(b"key%010d" % i, value))
+        for i in range(first, first + count)
+    ]
+
+
+def make_leader(root: Path, keys: int) -> StateMachineHandler:
+    sm = SqliteStateMachine(root / "leader.db", durability="off")
+    leader = StateMachineHandler(sm, config(root / "leader-snaps"), node_id=1)
+    value = b"v" * 100
+    for first in range(1, keys + 1, 10_000):
+        leader.apply_chunk(entries(first, min(10_000, keys + 1 - first), value))
+    leader.create_snapshot()
+    return leader
+
+
+def config(directory: Path) -> SnapshotConfig:
+    return SnapshotConfig(snapshots_dir=directory, chunk_size=1 << 20, fsync=False, resume_ttl=0)
+
+
+def one_install(root: Path, leader: StateMachineHandler, cls: type[SqliteStateMachine]) -> Any:
+    """Install while applying; the longest apply gap and the install's wall time."""
+    work = Path(tempfile.mkdtemp(dir=root))
+    sm = cls(work / "follower.db", durability="off")
+    follower = StateMachineHandler(sm, config(work / "snaps"), node_id=2)
+    stop = threading.Event()
+    gaps: list[float] = []
+    meta = leader.get_latest_snapshot_metadata()
+    assert meta is not None
+    below = meta.last_included.index - 10  # the log stays behind the snapshot
+
+    def apply_loop() -> None:
+        index, last = 1, time.perf_counter()
+        while not stop.is_set() and index <= below:
+            try:
+                follower.apply_chunk(entries(index, 10, b"x" * 100))
+            except ApplyOrderError:  # the install moved past us (the wait counts): done
+                gaps.append(time.perf_counter() - last)
+                return
+            now = time.perf_counter()
+            gaps.append(now - last)
+            index, last = index + 10, now
+
+    applier = threading.Thread(target=apply_loop)
+    applier.start()
+    try:
+        time.sleep(0.05)  # applies under way before the install starts (not a synchronisation)
+        started = time.perf_counter()
+        stream = leader.load_snapshot_data(meta)
+        follower.apply_snapshot_stream_from_leader(1, stream, lambda a: None)
+        seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        applier.join()
+    follower.close()
+    sm.close()
+    shutil.rmtree(work)
+    return {"install_seconds": seconds, "max_apply_gap_seconds": max(gaps, default=0.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--keys", type=int, default=200_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench-install-stall-"))
+    try:
+        leader = make_leader(root, args.keys)
+        runs: dict[str, list[Any]] = {"prepared": [], "paused": []}
+        for _ in range(args.repeat):
+            runs["prepared"].append(one_install(root, leader, SqliteStateMachine))
+            runs["paused"].append(one_install(root, leader, PausedValidation))
+        leader.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    medians = {
+        name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for name, rows in runs.items()
+    }
+    ratio = medians["paused"]["max_apply_gap_seconds"] / max(
+        medians["prepared"]["max_apply_gap_seconds"], 1e-9
+    )
+    if args.json:
+        print(json.dumps({"keys": args.keys, "medians": medians, "stall_ratio": ratio}, indent=2))
+        return
+    for name, figures in medians.items():
+        print(
+            f"{name:<9} install {figures['install_seconds']:.3f} s   "
+            f"longest apply gap {figures['max_apply_gap_seconds'] * 1000:.1f} ms"
+        )
+    print(f"longest apply gap, validation paused / prepared: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
