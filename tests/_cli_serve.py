@@ -1,9 +1,11 @@
-"""A ``d-engine-sm serve`` peer in a subprocess, for CLI tests that push snapshots to it."""
+"""Helpers for the CLI tests: the command run in-process or as a subprocess, its
+one error line, a busy port, and a ``d-engine-sm serve`` peer in a subprocess."""
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -11,7 +13,46 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from d_engine_sm._cli import main
+
 PY = sys.executable
+ERROR = "d-engine-sm: error: "
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``main(ARGV)`` in this process: its exit status, stdout and stderr."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The text of the only stderr line, which must be the CLI's error line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(ERROR), err
+    assert "Traceback" not in err
+    return lines[0][len(ERROR) :]
+
+
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A port another socket is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_peer() -> Iterator[str]:
+    """A port that accepts TCP connections (the kernel does) but never speaks HTTP/2."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -95,6 +95,16 @@ def make_state(spec: str, directory: Path) -> StateMachine:
     raise ValueError(f"unknown state {spec!r}")
 
 
+def memory_handler(directory: Path, chunk_size: int, *, seed_keys: int = 0) -> StateMachineHandler:
+    """An in-process node on a memory state machine, seeded with ``seed_keys`` 4 KiB values."""
+    handler = StateMachineHandler(
+        make_state("memory", directory), config(directory / "snapshots", chunk_size), node_id=1
+    )
+    if seed_keys:
+        seed(handler, seed_keys, 4096, 7)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", type=Path, required=True)

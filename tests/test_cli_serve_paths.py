@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,49 +15,15 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("grpc_health")
 
-from _cli_serve import PY, cli, serve
+from _cli_serve import PY, busy_port, cli, one_error_line, run, serve, silent_peer
 
 from d_engine_sm import MemoryStateMachine, _kv
-from d_engine_sm._cli import main
 from d_engine_sm._cli.transport import _stop_on_sigterm
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 
 WAIT = 30.0  # upper bound for any single awaited event
 SHORT = 0.5  # the --timeout given to a send meant to run out of time
-ERROR = "d-engine-sm: error: "
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    """The text of the only stderr line, which must be the CLI's error line."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(ERROR), err
-    return lines[0][len(ERROR) :]
-
-
-@contextlib.contextmanager
-def busy_port() -> Iterator[int]:
-    """A port another socket is listening on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        yield sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def silent_peer() -> Iterator[str]:
-    """A port that accepts TCP connections (the kernel does) but never speaks HTTP/2."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def a_snapshot(directory: Path) -> Path:

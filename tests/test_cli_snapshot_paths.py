@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from _cli_serve import one_error_line, run
 from conftest import puts
 
 from d_engine_sm import (
@@ -38,20 +39,6 @@ from d_engine_sm._sqlite import APPLICATION_ID
 from d_engine_sm._values import LogId
 
 NAME_MAX = 255  # Linux: one path component
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("d-engine-sm: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def memory_snapshots(directory: Path, indexes: tuple[int, ...] = (40, 100)) -> Path:
@@ -174,7 +161,7 @@ def test_inspect_a_directory_is_not_a_file(
 ) -> None:
     code, out, err = run(capsys, "snapshot", "inspect", str(tmp_path))
     assert (code, out) == (1, "")
-    assert one_error_line(err) == f"d-engine-sm: error: not a file: {tmp_path}"
+    assert one_error_line(err) == f"not a file: {tmp_path}"
 
 
 # -- verify ---------------------------------------------------------------------------
@@ -235,7 +222,7 @@ def test_verify_with_an_explicit_state_database(
         capsys, "snapshot", "verify", str(elsewhere), "--state", str(tmp_path / "nope.db")
     )
     assert (code, out) == (1, "")
-    assert one_error_line(err) == f"d-engine-sm: error: no such file: {tmp_path / 'nope.db'}"
+    assert one_error_line(err) == f"no such file: {tmp_path / 'nope.db'}"
 
 
 def test_verify_skips_a_database_that_cannot_be_opened(
@@ -293,9 +280,7 @@ def test_extract_onto_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     dest.write_bytes(b"keep me")
     code, out, err = run(capsys, "snapshot", "extract", str(source), str(dest))
     assert (code, out) == (1, "")
-    assert one_error_line(err) == (
-        f"d-engine-sm: error: destination exists and is not a directory: {dest}"
-    )
+    assert one_error_line(err) == (f"destination exists and is not a directory: {dest}")
     assert dest.read_bytes() == b"keep me"
 
 
@@ -362,7 +347,7 @@ def test_extract_failing_on_disk_leaves_dest_empty_and_names_the_path(
     code, out, err = run(capsys, "snapshot", "extract", str(source), str(dest))
     assert (code, out) == (1, "")
     line = one_error_line(err)
-    assert line.startswith("d-engine-sm: error: File name too long: ")
+    assert line.startswith("File name too long: ")
     assert line.endswith(long_name)
     assert list(dest.iterdir()) == []
 

@@ -27,6 +27,7 @@ pytest.importorskip("grpc_health")
 
 import grpc
 import grpc_node
+from _cli_serve import busy_port, silent_peer
 from test_grpc import ResponseEditor
 
 from d_engine_sm import _kv
@@ -53,14 +54,7 @@ Response = storage_pb2.SnapshotResponse
 
 
 def make_handler(directory: Path, *, seed_keys: int = 0) -> StateMachineHandler:
-    handler = StateMachineHandler(
-        grpc_node.make_state("memory", directory),
-        grpc_node.config(directory / "snapshots", CHUNK),
-        node_id=1,
-    )
-    if seed_keys:
-        grpc_node.seed(handler, seed_keys, 4096, 7)
-    return handler
+    return grpc_node.memory_handler(directory, CHUNK, seed_keys=seed_keys)
 
 
 @pytest.fixture
@@ -116,24 +110,6 @@ def closed_port() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield f"127.0.0.1:{sock.getsockname()[1]}"
-
-
-@contextlib.contextmanager
-def silent_peer() -> Iterator[str]:
-    """A port that accepts TCP connections (the kernel does) but never speaks HTTP/2."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-
-
-@contextlib.contextmanager
-def busy_port() -> Iterator[int]:
-    """A port another socket is listening on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        yield sock.getsockname()[1]
 
 
 class LogWatch(logging.Handler):

@@ -31,14 +31,7 @@ TOKEN_KEY = "x-test-token"
 
 
 def make_handler(directory: Path, *, seed_keys: int = 0) -> StateMachineHandler:
-    handler = StateMachineHandler(
-        grpc_node.make_state("memory", directory),
-        grpc_node.config(directory / "snapshots", CHUNK),
-        node_id=1,
-    )
-    if seed_keys:
-        grpc_node.seed(handler, seed_keys, 4096, 7)
-    return handler
+    return grpc_node.memory_handler(directory, CHUNK, seed_keys=seed_keys)
 
 
 @pytest.fixture
