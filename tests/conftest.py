@@ -43,3 +43,18 @@ def handler(config: SnapshotConfig) -> Iterator[object]:
 
     with StateMachineHandler(MemoryStateMachine(), config, node_id=1) as h:
         yield h
+
+
+def memory_snapshots(directory: Path, indexes: tuple[int, ...] = (40, 100)) -> Path:
+    """``directory`` holding one archive per index (memory state machine, keys ``k1``…)."""
+    from d_engine_sm import MemoryStateMachine
+    from d_engine_sm._handler import StateMachineHandler
+
+    config = SnapshotConfig(snapshots_dir=directory, fsync=False, cleanup_retain_count=5)
+    with StateMachineHandler(MemoryStateMachine(), config) as handler:
+        applied = 0
+        for index in indexes:
+            handler.apply_chunk(puts(applied + 1, index - applied))
+            applied = index
+            handler.create_snapshot()
+    return directory

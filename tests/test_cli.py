@@ -12,12 +12,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from _cli_serve import Peer, cli_without, serve
-from conftest import puts
+from conftest import memory_snapshots, puts
 
 from d_engine_sm import (
     ApplyResult,
@@ -31,6 +32,7 @@ from d_engine_sm._cli import main
 from d_engine_sm._progress import Reporter
 from d_engine_sm._snapshot import archive
 from d_engine_sm._sqlite import SqliteStateMachine
+from d_engine_sm._values import LogId
 from d_engine_sm.proto import common_pb2
 
 PY = sys.executable
@@ -53,15 +55,7 @@ def assert_one_error_line(err: str, *, contains: str = "") -> None:
 
 def snapshots_dir(tmp_path: Path, indexes: tuple[int, ...] = (40, 100)) -> Path:
     """A snapshots directory with one archive per index (memory state machine)."""
-    directory = tmp_path / "snaps"
-    config = SnapshotConfig(snapshots_dir=directory, fsync=False, cleanup_retain_count=5)
-    with StateMachineHandler(MemoryStateMachine(), config) as handler:
-        applied = 0
-        for index in indexes:
-            handler.apply_chunk(puts(applied + 1, index - applied))
-            applied = index
-            handler.create_snapshot()
-    return directory
+    return memory_snapshots(tmp_path / "snaps", indexes)
 
 
 def archive_at(directory: Path, index: int, term: int = 1) -> Path:
@@ -135,19 +129,54 @@ class _ForgetfulFollower(MemoryStateMachine):
         return None if key == b"key-%010d" % 7 else super().get(key)
 
 
+class _MiscountingFollower(MemoryStateMachine):
+    """Installs and reads fine, but counts one key too many."""
+
+    def __len__(self) -> int:
+        return super().__len__() + 1
+
+
+def _on_snapshot_thread() -> bool:
+    return threading.current_thread().name.startswith("d-engine-sm-snapshot")
+
+
+class _NoPolicySnapshots(MemoryStateMachine):
+    """Policy snapshots (on the worker's snapshot thread) fail; the final one works."""
+
+    def generate_snapshot_data(self, dir: Path, last_included: LogId) -> None:
+        if _on_snapshot_thread():
+            raise OSError("injected: snapshot disk gone")
+        super().generate_snapshot_data(dir, last_included)
+
+
+class _NoSnapshots(MemoryStateMachine):
+    """Every snapshot fails: the policy's and the demo's own final one."""
+
+    def generate_snapshot_data(self, dir: Path, last_included: LogId) -> None:
+        raise OSError("injected: no room for snapshots")
+
+
 @pytest.mark.parametrize(
-    ("leader", "follower", "problem"),
+    ("leader", "follower", "problems"),
     [
-        (_FailingLeader, MemoryStateMachine, "apply failed"),
-        (MemoryStateMachine, _ForgetfulFollower, "1 key(s) differ"),
+        (_FailingLeader, MemoryStateMachine, ["apply failed"]),
+        (MemoryStateMachine, _ForgetfulFollower, ["1 key(s) differ"]),
+        (
+            MemoryStateMachine,
+            _MiscountingFollower,
+            ["key counts differ: written 1000, leader 1000"],
+        ),
+        (_NoPolicySnapshots, MemoryStateMachine, ["policy snapshot failed: "]),
+        (_NoSnapshots, MemoryStateMachine, ["policy snapshot failed: ", "SnapshotError: "]),
     ],
+    ids=["apply", "lost-key", "key-count", "policy-snapshot", "no-snapshot"],
 )
-def test_demo_reports_failure_and_exits_1(
+def test_demo_verdict_names_the_problem_and_exits_1(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     leader: type[MemoryStateMachine],
     follower: type[MemoryStateMachine],
-    problem: str,
+    problems: list[str],
 ) -> None:
     class Demo(_cli._Demo):  # the state-machine factory is the seam
         def _machine(self, node: str) -> StateMachine:
@@ -157,11 +186,14 @@ def test_demo_reports_failure_and_exits_1(
         entries=1000, batch=100, value_size=8, state="memory", dir=tmp_path / "d"
     )
     (tmp_path / "d").mkdir()
-    with pytest.raises(_cli._Failure, match=re.escape(problem)):
+    with pytest.raises(_cli._Failure, match=f"demo failed: {re.escape(problems[0])}"):
         Demo(args, tmp_path / "d", Reporter(sys.stdout)).run()
     out = capsys.readouterr().out
-    assert "verdict   FAILED" in out and problem in out
-    assert "verdict   OK" not in out
+    verdict = [line for line in out.splitlines() if line.startswith("verdict")]
+    assert len(verdict) == 1 and verdict[0].startswith("verdict   FAILED: ")
+    assert all(problem in verdict[0] for problem in problems), verdict
+    if len(problems) > 1:  # no snapshot: nothing was streamed to the follower
+        assert "transfer" not in out and "compare" not in out
 
 
 def test_demo_refuses_non_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

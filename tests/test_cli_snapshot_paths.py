@@ -9,47 +9,28 @@ and extractions that fail halfway.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
-import re
 import signal
 import sqlite3
-import sys
 import tarfile
 import threading
 from pathlib import Path
 
 import pytest
 from _cli_serve import one_error_line, run
-from conftest import puts
+from conftest import memory_snapshots, puts
 
 from d_engine_sm import (
-    MemoryStateMachine,
     SnapshotConfig,
     SqliteStateMachine,
-    StateMachine,
     StateMachineHandler,
-    _cli,
 )
 from d_engine_sm._cli import common, main
 from d_engine_sm._cli import snapshot as snapshot_cli
-from d_engine_sm._progress import Reporter
 from d_engine_sm._sqlite import APPLICATION_ID
-from d_engine_sm._values import LogId
 
 NAME_MAX = 255  # Linux: one path component
-
-
-def memory_snapshots(directory: Path, indexes: tuple[int, ...] = (40, 100)) -> Path:
-    config = SnapshotConfig(snapshots_dir=directory, fsync=False, cleanup_retain_count=5)
-    with StateMachineHandler(MemoryStateMachine(), config) as handler:
-        applied = 0
-        for index in indexes:
-            handler.apply_chunk(puts(applied + 1, index - applied))
-            applied = index
-            handler.create_snapshot()
-    return directory
 
 
 def sqlite_node(node: Path, indexes: tuple[int, ...] = (40, 100)) -> tuple[Path, Path]:
@@ -377,69 +358,3 @@ def test_main_runs_off_the_main_thread_and_leaves_sigint_alone(
     assert (codes, err) == ([0], "")
     assert "snapshot-12-1.tar.gz" in out and "1 archive(s)" in out
     assert signal.getsignal(signal.SIGINT) is before
-
-
-# -- demo: what its verdict catches -----------------------------------------------------------
-class _MiscountingFollower(MemoryStateMachine):
-    """Installs and reads fine, but counts one key too many."""
-
-    def __len__(self) -> int:
-        return super().__len__() + 1
-
-
-def _on_snapshot_thread() -> bool:
-    return threading.current_thread().name.startswith("d-engine-sm-snapshot")
-
-
-class _NoPolicySnapshots(MemoryStateMachine):
-    """Policy snapshots (on the worker's snapshot thread) fail; the final one works."""
-
-    def generate_snapshot_data(self, dir: Path, last_included: LogId) -> None:
-        if _on_snapshot_thread():
-            raise OSError("injected: snapshot disk gone")
-        super().generate_snapshot_data(dir, last_included)
-
-
-class _NoSnapshots(MemoryStateMachine):
-    """Every snapshot fails: the policy's and the demo's own final one."""
-
-    def generate_snapshot_data(self, dir: Path, last_included: LogId) -> None:
-        raise OSError("injected: no room for snapshots")
-
-
-@pytest.mark.parametrize(
-    ("leader", "follower", "problems"),
-    [
-        (
-            MemoryStateMachine,
-            _MiscountingFollower,
-            ["key counts differ: written 1000, leader 1000"],
-        ),
-        (_NoPolicySnapshots, MemoryStateMachine, ["policy snapshot failed: "]),
-        (_NoSnapshots, MemoryStateMachine, ["policy snapshot failed: ", "SnapshotError: "]),
-    ],
-    ids=["key-count", "policy-snapshot", "no-snapshot"],
-)
-def test_demo_verdict_names_the_problem_and_exits_1(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    leader: type[MemoryStateMachine],
-    follower: type[MemoryStateMachine],
-    problems: list[str],
-) -> None:
-    class Demo(_cli._Demo):  # the state-machine factory is the seam
-        def _machine(self, node: str) -> StateMachine:
-            return leader() if node == "leader" else follower()
-
-    args = argparse.Namespace(
-        entries=1000, batch=100, value_size=8, state="memory", dir=tmp_path / "d"
-    )
-    (tmp_path / "d").mkdir()
-    with pytest.raises(_cli._Failure, match=f"demo failed: {re.escape(problems[0])}"):
-        Demo(args, tmp_path / "d", Reporter(sys.stdout)).run()
-    out = capsys.readouterr().out
-    verdict = [line for line in out.splitlines() if line.startswith("verdict")]
-    assert len(verdict) == 1 and verdict[0].startswith("verdict   FAILED: ")
-    assert all(problem in verdict[0] for problem in problems), verdict
-    if len(problems) > 1:  # no snapshot: nothing was streamed to the follower
-        assert "transfer" not in out and "compare" not in out
