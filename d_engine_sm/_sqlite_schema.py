@@ -59,8 +59,8 @@ _SCHEMA: Final = (
 _MAGIC: Final = b"SQLite format 3\x00"
 _SCHEMA_ROWS: Final = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
 # VM instructions between deadline checks (a few ms). Each check takes the GIL:
-# every 1,000 made validation 1.3x slower alone and 2x slower next to a busy
-# apply thread (benchmarks/bench_install_stall.py).
+# every 1,000 made validation 2x slower next to a busy apply thread, now that it
+# runs while applies go on (benchmarks/bench_install_stall.py).
 _PROGRESS_STEPS: Final = 10_000
 
 
