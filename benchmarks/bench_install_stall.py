@@ -1,15 +1,18 @@
-"""How long do applies stall while a follower installs a SQLite snapshot?
+"""How long do applies stall while a follower installs a snapshot?
 
-Question: a follower on SqliteStateMachine receives a snapshot of ``--keys``
+Question: a follower on SqliteStateMachine (``--state sqlite``) or
+MemoryStateMachine (``--state memory``) receives a snapshot of ``--keys``
 keys while a thread keeps applying small batches (the log still arriving).
 How long is the longest gap between two applies during the install, next
 to the same install with the state machine's ``prepare_install`` disabled
-(then the received file is validated with applies paused, as before that
-hook existed)? Both in the same run, alternating, ``--repeat`` times.
+(then the received file is validated or parsed with applies paused, as
+before that hook existed)? Both in the same run, alternating, ``--repeat``
+times.
 
 Run::
 
     python benchmarks/bench_install_stall.py --keys 500000 --repeat 3
+    python benchmarks/bench_install_stall.py --state memory --keys 500000
     python benchmarks/bench_install_stall.py --json
 """
 
@@ -25,16 +28,47 @@ import time
 from pathlib import Path
 from typing import Any
 
-from d_engine_sm import SnapshotConfig, SqliteStateMachine, StateMachineHandler, _kv
+from d_engine_sm import (
+    MemoryStateMachine,
+    SnapshotConfig,
+    SqliteStateMachine,
+    StateMachine,
+    StateMachineHandler,
+    _kv,
+)
 from d_engine_sm.errors import ApplyOrderError
 from d_engine_sm.proto import common_pb2, storage_pb2
 
 
-class PausedValidation(SqliteStateMachine):
+class PausedSqlite(SqliteStateMachine):
     """The baseline: nothing prepared, so validation runs with applies paused."""
 
     def prepare_install(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         return None
+
+
+class PausedMemory(MemoryStateMachine):
+    """The baseline: nothing prepared, so the file is parsed with applies paused."""
+
+    def prepare_install(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        return None
+
+
+STATES: dict[str, tuple[type[StateMachine], type[StateMachine]]] = {
+    "sqlite": (SqliteStateMachine, PausedSqlite),
+    "memory": (MemoryStateMachine, PausedMemory),
+}
+
+
+def make_state(cls: type[StateMachine], path: Path) -> StateMachine:
+    if issubclass(cls, SqliteStateMachine):
+        return cls(path, durability="off")
+    return cls()
+
+
+def dispose(sm: StateMachine) -> None:
+    if isinstance(sm, SqliteStateMachine):
+        sm.close()
 
 
 def entries(first: int, count: int, value: bytes) -> list[common_pb2.Entry]:
@@ -44,8 +78,8 @@ def entries(first: int, count: int, value: bytes) -> list[common_pb2.Entry]:
     ]
 
 
-def make_leader(root: Path, keys: int) -> StateMachineHandler:
-    sm = SqliteStateMachine(root / "leader.db", durability="off")
+def make_leader(root: Path, keys: int, cls: type[StateMachine]) -> StateMachineHandler:
+    sm = make_state(cls, root / "leader.db")
     leader = StateMachineHandler(sm, config(root / "leader-snaps"), node_id=1)
     value = b"v" * 100
     for first in range(1, keys + 1, 10_000):
@@ -58,10 +92,10 @@ def config(directory: Path) -> SnapshotConfig:
     return SnapshotConfig(snapshots_dir=directory, chunk_size=1 << 20, fsync=False, resume_ttl=0)
 
 
-def one_install(root: Path, leader: StateMachineHandler, cls: type[SqliteStateMachine]) -> Any:
+def one_install(root: Path, leader: StateMachineHandler, cls: type[StateMachine]) -> Any:
     """Install while applying; the longest apply gap and the install's wall time."""
     work = Path(tempfile.mkdtemp(dir=root))
-    sm = cls(work / "follower.db", durability="off")
+    sm = make_state(cls, work / "follower.db")
     follower = StateMachineHandler(sm, config(work / "snaps"), node_id=2)
     stop = threading.Event()
     gaps: list[float] = []
@@ -93,24 +127,26 @@ def one_install(root: Path, leader: StateMachineHandler, cls: type[SqliteStateMa
         stop.set()
         applier.join()
     follower.close()
-    sm.close()
+    dispose(sm)
     shutil.rmtree(work)
     return {"install_seconds": seconds, "max_apply_gap_seconds": max(gaps, default=0.0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--state", choices=sorted(STATES), default="sqlite")
     parser.add_argument("--keys", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-install-stall-"))
     try:
-        leader = make_leader(root, args.keys)
+        prepared, paused = STATES[args.state]
+        leader = make_leader(root, args.keys, prepared)
         runs: dict[str, list[Any]] = {"prepared": [], "paused": []}
         for _ in range(args.repeat):
-            runs["prepared"].append(one_install(root, leader, SqliteStateMachine))
-            runs["paused"].append(one_install(root, leader, PausedValidation))
+            runs["prepared"].append(one_install(root, leader, prepared))
+            runs["paused"].append(one_install(root, leader, paused))
         leader.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -122,7 +158,8 @@ def main() -> None:
         medians["prepared"]["max_apply_gap_seconds"], 1e-9
     )
     if args.json:
-        print(json.dumps({"keys": args.keys, "medians": medians, "stall_ratio": ratio}, indent=2))
+        doc = {"state": args.state, "keys": args.keys, "medians": medians, "stall_ratio": ratio}
+        print(json.dumps(doc, indent=2))
         return
     for name, figures in medians.items():
         print(

@@ -77,6 +77,8 @@ class MemoryStateMachine(StateMachine):
         self._term_starts: list[tuple[int, int]] = []  # (first index, term), ascending
         self._snapshot_meta: storage_pb2.SnapshotMetadata | None = None
         self._captured: tuple[dict[bytes, bytes], dict[bytes, float]] | None = None
+        # A received snapshot parsed by prepare_install: (index, key, data, expiry).
+        self._prepared: tuple[int, bytes, dict[bytes, bytes], dict[bytes, float]] | None = None
         self._running = True
 
     # -- lifecycle -------------------------------------------------------
@@ -116,6 +118,9 @@ class MemoryStateMachine(StateMachine):
                 self._term_starts = starts
             last = entries[-1]
             self._last_applied = LogId(term=last.term, index=last.index)
+            prepared = self._prepared
+            if prepared is not None and last.index >= prepared[0]:
+                self._prepared = None  # the log passed it: that install will not come
         return results
 
     def last_applied(self) -> LogId:
@@ -160,14 +165,23 @@ class MemoryStateMachine(StateMachine):
         with open(dir / DATA_FILE, "wb") as out:
             _kvfile.write(out, data, expiry)
 
+    def prepare_install(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
+        """Parse the received ``kv.bin`` while applies go on; the install then swaps it in.
+
+        At most one parsed state is kept: the next prepare, the install, a
+        ``reset`` or an apply that passes the snapshot's index drops it.
+        """
+        self._prepared = None  # never two parsed states at once
+        data, expiry = _read_data(dir)
+        self._prepared = (meta.last_included.index, _install_key(meta, dir), data, expiry)
+
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
-        with open(dir / DATA_FILE, "rb") as f:
-            # Parse straight from the page cache: no copy of the whole file.
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise ValueError(f"empty key/value snapshot file {dir / DATA_FILE}")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                data, expiry = _kvfile.read(mapped)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[1] == _install_key(meta, dir):
+            data, expiry = prepared[2], prepared[3]
+        else:
+            del prepared  # freed before another parse
+            data, expiry = _read_data(dir)
         with self._write_lock:
             self._ops = _DictOps(data, expiry)
             lid = meta.last_included
@@ -185,3 +199,19 @@ class MemoryStateMachine(StateMachine):
             self._term_starts = []
             self._snapshot_meta = None
             self._captured = None
+            self._prepared = None
+
+
+def _read_data(dir: Path) -> tuple[dict[bytes, bytes], dict[bytes, float]]:
+    with open(dir / DATA_FILE, "rb") as f:
+        # Parse straight from the page cache: no copy of the whole file.
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ValueError(f"empty key/value snapshot file {dir / DATA_FILE}")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _kvfile.read(mapped)
+
+
+def _install_key(meta: storage_pb2.SnapshotMetadata, dir: Path) -> bytes:
+    """What a prepared state belongs to: the directory and the exact metadata."""
+    return os.fsencode(os.path.abspath(dir)) + b"\0" + meta.SerializeToString(deterministic=True)

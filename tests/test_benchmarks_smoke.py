@@ -39,17 +39,19 @@ def test_bench_scale_runs_and_reports_every_phase() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_bench_install_stall_runs_and_reports_both_installs() -> None:
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_bench_install_stall_runs_and_reports_both_installs(state: str) -> None:
     script = SCRIPT.parent / "bench_install_stall.py"
+    args = ["--state", state, "--keys", "2000", "--repeat", "1", "--json"]
     out = subprocess.run(
-        [sys.executable, str(script), "--keys", "2000", "--repeat", "1", "--json"],
+        [sys.executable, str(script), *args],
         check=True,
         capture_output=True,
         text=True,
         timeout=110,
     )
     report = json.loads(out.stdout)
-    assert report["keys"] == 2000 and report["stall_ratio"] > 0
+    assert (report["state"], report["keys"]) == (state, 2000) and report["stall_ratio"] > 0
     for name in ("prepared", "paused"):
         figures = report["medians"][name]
         assert figures["install_seconds"] > 0 and figures["max_apply_gap_seconds"] >= 0

@@ -198,3 +198,46 @@ def test_sqlite_stages_again_when_the_install_is_not_the_prepared_one(tmp_path: 
     finally:
         source.close()
         target.close()
+
+
+def memory_snapshot(tmp_path: Path, keys: int) -> tuple[Path, storage_pb2.SnapshotMetadata]:
+    source = MemoryStateMachine()
+    source.apply_chunk(puts(1, keys, term=3))
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    source.prepare_snapshot()
+    source.generate_snapshot_data(snap, source.last_applied())
+    meta = storage_pb2.SnapshotMetadata(last_included=source.last_applied(), checksum=b"\x04" * 32)
+    return snap, meta
+
+
+def test_memory_installs_what_it_prepared_without_reading_again(tmp_path: Path) -> None:
+    snap, meta = memory_snapshot(tmp_path, 50)
+    sm = MemoryStateMachine()
+    sm.prepare_install(meta, snap)
+    (snap / "kv.bin").unlink()  # the parsed state is what gets installed
+    sm.apply_snapshot_from_file(meta, snap)
+    assert len(sm) == 50 and sm.get(b"k50") == b"v50"
+    assert sm.last_applied().index == 50 and sm.snapshot_metadata() == meta
+
+
+@pytest.mark.parametrize("dropped_by", ["apply past it", "reset", "other metadata"])
+def test_memory_drops_a_prepared_state_that_will_not_be_installed(
+    tmp_path: Path, dropped_by: str
+) -> None:
+    snap, meta = memory_snapshot(tmp_path, 50)
+    sm = MemoryStateMachine()
+    sm.prepare_install(meta, snap)
+    if dropped_by == "apply past it":  # the log overtook the snapshot
+        sm.apply_chunk(puts(1, 50))
+    elif dropped_by == "reset":
+        sm.reset()
+    else:  # an install of other metadata parses the file itself
+        other = storage_pb2.SnapshotMetadata(
+            last_included=meta.last_included, checksum=b"\x05" * 32
+        )
+        sm.apply_snapshot_from_file(other, snap)
+        assert sm.snapshot_metadata() == other and len(sm) == 50
+    (snap / "kv.bin").unlink()
+    with pytest.raises(FileNotFoundError):  # nothing prepared is left to install
+        sm.apply_snapshot_from_file(meta, snap)
