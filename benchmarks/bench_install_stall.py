@@ -2,7 +2,8 @@
 
 Question: a follower on SqliteStateMachine (``--state sqlite``) or
 MemoryStateMachine (``--state memory``) receives a snapshot of ``--keys``
-keys while a thread keeps applying small batches (the log still arriving).
+keys while a thread keeps applying 10-entry batches, one per millisecond (the
+log still arriving).
 How long is the longest gap between two applies during the install, next
 to the same install with the state machine's ``prepare_install`` disabled
 (then the received file is validated or parsed with applies paused, as
@@ -53,6 +54,8 @@ class PausedMemory(MemoryStateMachine):
     def prepare_install(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         return None
 
+
+PACE = 0.001  # seconds between two 10-entry batches: about 10,000 entries/s
 
 STATES: dict[str, tuple[type[StateMachine], type[StateMachine]]] = {
     "sqlite": (SqliteStateMachine, PausedSqlite),
@@ -114,6 +117,7 @@ def one_install(root: Path, leader: StateMachineHandler, cls: type[StateMachine]
             now = time.perf_counter()
             gaps.append(now - last)
             index, last = index + 10, now
+            time.sleep(PACE)  # the log arrives at a pace, as from a leader
 
     applier = threading.Thread(target=apply_loop)
     applier.start()
