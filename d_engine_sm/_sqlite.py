@@ -461,13 +461,7 @@ class SqliteStateMachine(Closing, StateMachine):
             return
         key = (os.path.abspath(source), meta.SerializeToString(deterministic=True))
         self._prepared = None
-        stage(
-            source,
-            meta,
-            timeout=self._validate_timeout,
-            fs=self._fs,
-            sync=self._durability != "off",
-        )
+        self._stage(source, meta)
         self._prepared = key
 
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
@@ -500,18 +494,17 @@ class SqliteStateMachine(Closing, StateMachine):
             staged = source if prepared else staging_path(source, Path(self._path + _INCOMING))
             try:
                 if not prepared:
-                    stage(
-                        staged,
-                        copy,
-                        timeout=self._validate_timeout,
-                        fs=self._fs,
-                        sync=self._durability != "off",
-                    )
+                    self._stage(staged, copy)
                 self._swap_in(staged)
             finally:
                 if staged != source:
                     _unlink_quietly(str(staged))
         _log.info("snapshot installed path=%s index=%d term=%d", self._path, lid.index, lid.term)
+
+    def _stage(self, path: Path, meta: storage_pb2.SnapshotMetadata) -> None:
+        """Validate the received file at ``path`` and make it the database for ``meta``."""
+        sync = self._durability != "off"
+        stage(path, meta, timeout=self._validate_timeout, fs=self._fs, sync=sync)
 
     def _swap_in(self, staged: Path) -> None:
         """Rename ``staged`` over the database with no connection open across the swap.
