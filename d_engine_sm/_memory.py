@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import ClassVar, Final
 
 from d_engine_sm import _kv, _kvfile
-from d_engine_sm._state_machine import StateMachine
+from d_engine_sm._state_machine import StateMachine, install_key
 from d_engine_sm._values import ApplyResult, LogId
 from d_engine_sm.proto import common_pb2, storage_pb2
 
@@ -173,11 +173,11 @@ class MemoryStateMachine(StateMachine):
         """
         self._prepared = None  # never two parsed states at once
         data, expiry = _read_data(dir)
-        self._prepared = (meta.last_included.index, _install_key(meta, dir), data, expiry)
+        self._prepared = (meta.last_included.index, install_key(meta, dir), data, expiry)
 
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[1] == _install_key(meta, dir):
+        if prepared is not None and prepared[1] == install_key(meta, dir):
             data, expiry = prepared[2], prepared[3]
         else:
             del prepared  # freed before another parse
@@ -210,8 +210,3 @@ def _read_data(dir: Path) -> tuple[dict[bytes, bytes], dict[bytes, float]]:
             raise ValueError(f"empty key/value snapshot file {dir / DATA_FILE}")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return _kvfile.read(mapped)
-
-
-def _install_key(meta: storage_pb2.SnapshotMetadata, dir: Path) -> bytes:
-    """What a prepared state belongs to: the directory and the exact metadata."""
-    return os.fsencode(os.path.abspath(dir)) + b"\0" + meta.SerializeToString(deterministic=True)

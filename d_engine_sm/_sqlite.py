@@ -54,7 +54,7 @@ from d_engine_sm._sqlite_schema import (
     stage,
     staging_path,
 )
-from d_engine_sm._state_machine import StateMachine
+from d_engine_sm._state_machine import StateMachine, install_key
 from d_engine_sm._values import ApplyResult, LogId
 from d_engine_sm.errors import SnapshotError
 from d_engine_sm.proto import common_pb2, storage_pb2
@@ -138,8 +138,8 @@ class SqliteStateMachine(Closing, StateMachine):
             lambda: ValueError(f"SqliteStateMachine is closed: path={self._path}"),
         )
         self._pinned: sqlite3.Connection | None = None
-        # The received file prepare_install staged in place, and for which metadata.
-        self._prepared: tuple[str, bytes] | None = None
+        # install_key() of the received file prepare_install staged in place.
+        self._prepared: bytes | None = None
         self._closed = False
         self._running = True
         os.makedirs(os.path.dirname(self._path), exist_ok=True)
@@ -454,15 +454,12 @@ class SqliteStateMachine(Closing, StateMachine):
         Raises:
             CorruptSnapshotError: as :meth:`apply_snapshot_from_file`.
         """
-        source = Path(dir) / SNAPSHOT_FILE
-        if os.path.abspath(source) == self._path:
-            raise ValueError(f"cannot install the live database onto itself: {source}")
+        source = self._received_file(dir)
         if self._closed or not same_device(source, Path(self._path).parent):
             return
-        key = (os.path.abspath(source), meta.SerializeToString(deterministic=True))
         self._prepared = None
         self._stage(source, meta)
-        self._prepared = key
+        self._prepared = install_key(meta, dir)
 
     def apply_snapshot_from_file(self, meta: storage_pb2.SnapshotMetadata, dir: Path) -> None:
         """Replace the whole state with ``dir/state.sqlite3`` by replacing the file.
@@ -484,11 +481,8 @@ class SqliteStateMachine(Closing, StateMachine):
         copy = storage_pb2.SnapshotMetadata()
         copy.CopyFrom(meta)
         lid = copy.last_included
-        source = Path(dir) / SNAPSHOT_FILE
-        if os.path.abspath(source) == self._path:
-            raise ValueError(f"cannot install the live database onto itself: {source}")
-        key = (os.path.abspath(source), copy.SerializeToString(deterministic=True))
-        prepared, self._prepared = self._prepared == key, None
+        source = self._received_file(dir)
+        prepared, self._prepared = self._prepared == install_key(copy, dir), None
         with self._write_lock:
             self._writer()
             staged = source if prepared else staging_path(source, Path(self._path + _INCOMING))
@@ -500,6 +494,12 @@ class SqliteStateMachine(Closing, StateMachine):
                 if staged != source:
                     _unlink_quietly(str(staged))
         _log.info("snapshot installed path=%s index=%d term=%d", self._path, lid.index, lid.term)
+
+    def _received_file(self, dir: Path) -> Path:
+        source = Path(dir) / SNAPSHOT_FILE
+        if os.path.abspath(source) == self._path:
+            raise ValueError(f"cannot install the live database onto itself: {source}")
+        return source
 
     def _stage(self, path: Path, meta: storage_pb2.SnapshotMetadata) -> None:
         """Validate the received file at ``path`` and make it the database for ``meta``."""

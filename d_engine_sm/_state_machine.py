@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -18,7 +19,7 @@ class StateMachine(abc.ABC):
     Who calls what. The handler calls only the write path and the reads:
     ``last_applied`` (once, when the handler is built), ``apply_chunk``,
     ``get``/``get_many``, ``__len__`` (for a snapshot's manifest),
-    ``prepare_snapshot``, ``generate_snapshot_data``,
+    ``prepare_snapshot``, ``generate_snapshot_data``, ``prepare_install``,
     ``apply_snapshot_from_file``, ``flush`` (before it publishes an archive)
     and ``update_last_snapshot_metadata`` then
     ``persist_last_snapshot_metadata``. Every other method (``start``,
@@ -54,6 +55,9 @@ class StateMachine(abc.ABC):
     * ``update_last_snapshot_metadata``/``persist_last_snapshot_metadata``
       run after a snapshot is published, with applies *not* paused: they may
       run concurrently with ``apply_chunk`` and reads.
+    * ``prepare_install`` runs with applies *not* paused, just before the
+      paused ``apply_snapshot_from_file`` of the same install: concurrently
+      with ``apply_chunk`` and reads, so it must not touch the live state.
     * The handler never runs two snapshot creates or installs at once.
 
     Methods the application calls (``reset``, ``update_last_applied``,
@@ -428,6 +432,11 @@ class StateMachine(abc.ABC):
 def overrides_prepare(sm: StateMachine) -> bool:
     """True when ``sm`` supplies its own point-in-time capture."""
     return type(sm).prepare_snapshot is not StateMachine.prepare_snapshot
+
+
+def install_key(meta: storage_pb2.SnapshotMetadata, dir: Path) -> bytes:
+    """What a ``prepare_install`` result belongs to: the directory and the exact metadata."""
+    return os.fsencode(os.path.abspath(dir)) + b"\0" + meta.SerializeToString(deterministic=True)
 
 
 def declared_format(sm: StateMachine) -> tuple[str, int] | None:
