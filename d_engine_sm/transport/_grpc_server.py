@@ -63,6 +63,14 @@ def _status_name(status: int) -> str:
         return str(status)
 
 
+def _call_ended(context: grpc.ServicerContext) -> threading.Event:
+    """Set once the call terminates (cancelled, deadline, done)."""
+    ended = threading.Event()
+    if not context.add_callback(ended.set):  # False: it already has
+        ended.set()
+    return ended
+
+
 class _Peeked(Iterator[SnapshotChunk]):
     """Passes a request stream through, noting whether it was only a resume header.
 
@@ -75,9 +83,7 @@ class _Peeked(Iterator[SnapshotChunk]):
 
     def __init__(self, chunks: Iterator[SnapshotChunk], context: grpc.ServicerContext) -> None:
         self._chunks = chunks
-        self._ended = threading.Event()
-        if not context.add_callback(self._ended.set):  # False: the call already ended
-            self._ended.set()
+        self._ended = _call_ended(context)
         self.count = 0
         self.header_first = False
 
@@ -244,9 +250,7 @@ class SnapshotServicer(storage_pb2_grpc.SnapshotServiceServicer):
         with contextlib.closing(source):
             if source.total_chunks < 1:
                 _abort(context, grpc.StatusCode.INTERNAL, "snapshot archive is empty")
-            ended = threading.Event()  # the call terminated: cancelled, deadline, done
-            if not context.add_callback(ended.set):  # False: it already has
-                ended.set()
+            ended = _call_ended(context)
             acks = _AckReader(request_iterator)
             yield from self._stream(meta, source, acks, context, ended)
 
