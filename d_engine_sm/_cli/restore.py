@@ -8,10 +8,9 @@ members and its size are checked, and the state is replaced all or nothing.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from d_engine_sm._cli.common import Subparsers, add_command
+from d_engine_sm._cli.common import Subparsers, add_command, out
 from d_engine_sm._config import SnapshotConfig
 from d_engine_sm._handler import StateMachineHandler
 from d_engine_sm._sqlite import SqliteStateMachine
@@ -48,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
             before = handler.last_applied()
             meta = handler.install_snapshot_from_file(args.archive, checksum=checksum)
             lid = meta.last_included
-            sys.stdout.write(
+            out(
                 f"restored {args.archive.name}: index {lid.index} term {lid.term} "
-                f"(was {before}), {len(sm)} keys, sha256 {meta.checksum.hex()[:16]}…\n"
+                f"(was {before}), {len(sm)} keys, sha256 {meta.checksum.hex()[:16]}…"
             )
     finally:
         sm.close()

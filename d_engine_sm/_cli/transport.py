@@ -28,6 +28,7 @@ from d_engine_sm._cli.common import (
     host_port,
     make_state_machine,
     non_negative_int,
+    non_negative_seconds,
     out,
     positive_float,
     state_spec,
@@ -85,17 +86,6 @@ def register(subparsers: Subparsers) -> None:
         help="send the whole snapshot, without asking the peer what it already holds",
     )
     send.set_defaults(func=_cmd_send, handles_interrupts=True)
-
-
-def non_negative_seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 PROMETHEUS_HINT: Final = "pip install 'd-engine-sm[prometheus]'"
