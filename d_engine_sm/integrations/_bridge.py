@@ -56,6 +56,7 @@ from pysyncobj.pickle import loads as pysyncobj_loads  # type: ignore[import-unt
 
 from d_engine_sm import _kv
 from d_engine_sm._handler import StateMachineHandler
+from d_engine_sm._snapshot.naming import archive_name
 from d_engine_sm._values import LogId
 from d_engine_sm._worker import ApplyWorker
 from d_engine_sm.errors import DEngineError, StaleSnapshotError
@@ -521,8 +522,8 @@ class CatchUp:
         return False
 
     def _install_local(self, index: int, term: int) -> None:
-        name = f"{self._handler.config.snapshots_dir_prefix}{index}-{term}.tar.gz"
-        path = Path(self._handler.config.snapshots_dir) / name
+        config = self._handler.config
+        path = Path(config.snapshots_dir) / archive_name(config.snapshots_dir_prefix, index, term)
         try:
             self._handler.install_snapshot_from_file(
                 path, last_included=LogId(index=index, term=term)

@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,14 @@ def _reply(message: dict[str, Any]) -> None:
             _stopping.set()
 
 
-def _pause() -> None:
-    """A polling loop's 10 ms wait, given up when the node is stopping."""
-    if _stopping.wait(0.01):
-        raise Stopping("the node is stopping")
+def _poll_until(done: Callable[[], bool], deadline: float, timeout_message: str) -> None:
+    """Wait, checking every 10 ms, until ``done()``; TimeoutError past ``deadline``
+    (monotonic); given up when the node is stopping."""
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(timeout_message)
+        if _stopping.wait(0.01):
+            raise Stopping("the node is stopping")
 
 
 def _acquire(sem: threading.BoundedSemaphore) -> None:
@@ -228,10 +233,8 @@ class Node:
         if self.mode != "plain":
             self.handler.wait_applied(index, timeout)
             return
-        while self._applied() < index:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"index {index} not applied in {timeout}s")
-            _pause()
+        message = f"index {index} not applied in {timeout}s"
+        _poll_until(lambda: self._applied() >= index, deadline, message)
 
     def op_wait(self, req: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -257,24 +260,23 @@ class Node:
             dump = self.dir / "raft.dump"
             before = dump.stat().st_mtime_ns if dump.exists() else 0
             self.plain.forceLogCompaction()
-            while not (dump.exists() and dump.stat().st_mtime_ns != before):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("no dump")
-                _pause()
+            _poll_until(
+                lambda: dump.exists() and dump.stat().st_mtime_ns != before, deadline, "no dump"
+            )
             return {"seconds": time.perf_counter() - started, "bytes": dump.stat().st_size}
         before = self.node.status()["snapshots_created"]
         self.node.force_compaction()
-        while self.node.status()["snapshots_created"] == before:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no snapshot")
-            _pause()
+        _poll_until(
+            lambda: self.node.status()["snapshots_created"] != before, deadline, "no snapshot"
+        )
         meta = self.handler.get_latest_snapshot_metadata()
         size = 0
         if meta is not None:
             lid = meta.last_included
-            size = (
-                (self.dir / "snapshots" / f"snapshot-{lid.index}-{lid.term}.tar.gz").stat().st_size
-            )
+            from d_engine_sm._snapshot.naming import archive_name
+
+            name = archive_name(self.handler.config.snapshots_dir_prefix, lid.index, lid.term)
+            size = (self.dir / "snapshots" / name).stat().st_size
         return {"seconds": time.perf_counter() - started, "bytes": size}
 
     def close(self) -> None:
