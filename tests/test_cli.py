@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from _cli_serve import Peer, cli_without, serve
+from _cli_helpers import Peer, cli_without, serve
 from conftest import memory_snapshots, puts
 
 from d_engine_sm import (

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("grpc")
 parser = pytest.importorskip("prometheus_client.parser")
 
-from _cli_serve import cli, serve  # noqa: E402
+from _cli_helpers import cli, serve  # noqa: E402
 
 
 @pytest.mark.timeout(60)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("grpc_health")
 
-from _cli_serve import PY, busy_port, cli, one_error_line, run, serve, silent_peer
+from _cli_helpers import PY, busy_port, cli, one_error_line, run, serve, silent_peer
 
 from d_engine_sm import MemoryStateMachine, _kv
 from d_engine_sm._cli.transport import _stop_on_sigterm

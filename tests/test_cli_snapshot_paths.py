@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from _cli_serve import one_error_line, run
+from _cli_helpers import one_error_line, run
 from conftest import memory_snapshots, puts
 
 from d_engine_sm import (

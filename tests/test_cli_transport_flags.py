@@ -17,7 +17,7 @@ pytest.importorskip("grpc_health")
 
 import grpc
 import grpc_node
-from _cli_serve import cli, cli_without, serve
+from _cli_helpers import cli, cli_without, serve
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_grpc import RequestEditor
 

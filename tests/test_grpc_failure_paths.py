@@ -27,7 +27,7 @@ pytest.importorskip("grpc_health")
 
 import grpc
 import grpc_node
-from _cli_serve import busy_port, silent_peer
+from _cli_helpers import busy_port, silent_peer
 from test_grpc import ResponseEditor
 
 from d_engine_sm import _kv

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cli_serve import cli, serve
+from _cli_helpers import cli, serve
 from conftest import puts
 
 from d_engine_sm import MemoryStateMachine, SnapshotConfig, StateMachineHandler

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _cli_serve import cli, serve
+from _cli_helpers import cli, serve
 from conftest import puts
 
 from d_engine_sm import (
